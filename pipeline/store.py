@@ -1,0 +1,201 @@
+"""Run folders, dataset versions and the catalog. Every write is atomic (temp file + rename), so a killed
+run never leaves a half-written file that looks complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from pipeline import PROJECT_ROOT, __version__
+from pipeline.config import RunConfig, dump_config
+from pipeline.errors import DistillError
+from pipeline.records import Record, now_iso
+
+RECORD_COLUMNS = list(Record.model_fields)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str, ensure_ascii=False) + "\n")
+
+
+@contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Build a directory under a temp name and rename it into place only when complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def code_version() -> str:
+    """The git commit of the code that produced an artifact (or the package version outside git)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                             text=True, timeout=5)
+        if out.returncode == 0:
+            return out.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return __version__
+
+
+# --- datasets -------------------------------------------------------------------------------------------
+
+def save_records(path: Path, records: list[Record]) -> Path:
+    """Write records as Parquet through `datasets`, atomically."""
+    from datasets import Dataset
+
+    rows = [r.model_dump() for r in records]
+    ds = Dataset.from_list(rows) if rows else Dataset.from_dict({c: [] for c in RECORD_COLUMNS})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=".parquet")
+    os.close(fd)
+    try:
+        ds.to_parquet(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def load_records(path: Path) -> list[Record]:
+    """Read records written by `save_records`."""
+    from datasets import Dataset
+
+    ds = Dataset.from_parquet(str(path))
+    return [Record.model_validate(row) for row in ds]
+
+
+# --- catalog --------------------------------------------------------------------------------------------
+
+class Catalog:
+    """SQLite index of runs, dataset versions and models that the CLI, flows and browser read."""
+
+    def __init__(self, runs_dir: Path):
+        self.path = Path(runs_dir) / "catalog.sqlite"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._conn() as c:
+            c.executescript("""
+                CREATE TABLE IF NOT EXISTS runs (id TEXT PRIMARY KEY, name TEXT, dir TEXT, state TEXT,
+                    config_hash TEXT, created TEXT, updated TEXT, summary TEXT);
+                CREATE TABLE IF NOT EXISTS datasets (id TEXT PRIMARY KEY, run_id TEXT, path TEXT, accepted INTEGER,
+                    rejected INTEGER, manifest TEXT, created TEXT);
+                CREATE TABLE IF NOT EXISTS models (id TEXT PRIMARY KEY, run_id TEXT, path TEXT, role TEXT,
+                    dataset_id TEXT, metrics TEXT, created TEXT);
+            """)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=60)
+        conn.execute("PRAGMA journal_mode=WAL")
+        return conn
+
+    def upsert(self, table: str, **row: Any) -> None:
+        row = {k: json.dumps(v, default=str) if isinstance(v, (dict, list)) else v for k, v in row.items()}
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        updates = ", ".join(f"{k}=excluded.{k}" for k in row if k != "id")
+        with self._conn() as c:
+            c.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks}) ON CONFLICT(id) DO UPDATE SET {updates}",
+                      list(row.values()))
+
+    def rows(self, table: str, where: str = "", params: tuple = ()) -> list[dict[str, Any]]:
+        with self._conn() as c:
+            c.row_factory = sqlite3.Row
+            return [dict(r) for r in c.execute(f"SELECT * FROM {table} {where}", params)]
+
+
+# --- runs -----------------------------------------------------------------------------------------------
+
+class Run:
+    """A run folder: runs/<run-id>/ with config.yaml, status.json, datasets/, adapter/, eval/, report.md."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig):
+        self.dir = Path(run_dir)
+        self.id = self.dir.name
+        self.cfg = cfg
+        self.catalog = Catalog(cfg.runs_dir)
+
+    @classmethod
+    def create(cls, cfg: RunConfig, run_id: str | None = None) -> "Run":
+        """Start a run folder (or reopen an unfinished one with the same id, to resume it)."""
+        run_id = run_id or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{cfg.name}"
+        run = cls(Path(cfg.runs_dir) / run_id, cfg)
+        status = run.status()
+        if status.get("state") == "completed":
+            raise DistillError(f"Run {run_id} already completed in {run.dir}; pick a new run id to run again "
+                               f"(teacher replies are cached, so a re-run costs nothing).")
+        run.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run.dir / "config.yaml", dump_config(cfg))
+        run.set_state("running")
+        return run
+
+    @classmethod
+    def open(cls, run_dir: str | Path) -> "Run":
+        """Reopen a run folder from its saved config."""
+        from pipeline.config import load_config
+
+        return cls(Path(run_dir), load_config(config_file=Path(run_dir) / "config.yaml"))
+
+    def status(self) -> dict[str, Any]:
+        path = self.dir / "status.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def set_state(self, state: str, **extra: Any) -> None:
+        status = {**self.status(), "state": state, "updated": now_iso(), "code_version": code_version(), **extra}
+        status.setdefault("created", status["updated"])
+        atomic_write_json(self.dir / "status.json", status)
+        self.catalog.upsert("runs", id=self.id, name=self.cfg.name, dir=str(self.dir.resolve()), state=state,
+                            config_hash=self.cfg.fingerprint(), created=status["created"], updated=status["updated"],
+                            summary=extra.get("summary", status.get("summary", {})))
+
+    def path(self, *parts: str) -> Path:
+        return self.dir.joinpath(*parts)
+
+    def save_dataset(self, name: str, accepted: list[Record], rejected: list[Record], manifest: dict[str, Any]) -> Path:
+        """Write a dataset version (accepted + rejects + manifest) as one directory, atomically."""
+        final = self.path("datasets", name)
+        manifest = {"id": f"{self.id}/{name}", "run_id": self.id, "accepted": len(accepted), "rejected": len(rejected),
+                    "config_hash": self.cfg.fingerprint(), "code_version": code_version(), "created": now_iso(),
+                    **manifest}
+        with atomic_dir(final) as tmp:
+            save_records(tmp / "accepted.parquet", accepted)
+            save_records(tmp / "rejected.parquet", rejected)
+            atomic_write_json(tmp / "manifest.json", manifest)
+        self.catalog.upsert("datasets", id=manifest["id"], run_id=self.id, path=str(final.resolve()),
+                            accepted=len(accepted), rejected=len(rejected), manifest=manifest, created=manifest["created"])
+        return final

@@ -1,0 +1,49 @@
+"""Teacher backends registered by name; `make_teacher` builds one from the config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from pipeline.config import TeacherConfig
+from pipeline.errors import ConfigError
+from pipeline.teachers.base import CachedTeacher, Completion, Ledger, Request, ResponseCache, Teacher
+
+__all__ = ["Completion", "Ledger", "Request", "ResponseCache", "Teacher", "make_teacher", "register_teacher"]
+
+_BACKENDS: dict[str, Callable[..., CachedTeacher]] = {}
+
+
+def register_teacher(name: str):
+    """Decorator: make a backend available under `teacher.backend: name`."""
+    def wrap(factory):
+        _BACKENDS[name] = factory
+        return factory
+    return wrap
+
+
+@register_teacher("llamacpp")
+def _llamacpp(cfg: TeacherConfig, cache: ResponseCache, ledger: Ledger) -> CachedTeacher:
+    from pipeline.teachers.llamacpp import LlamaCppTeacher
+    return LlamaCppTeacher(cfg.model, cache, ledger, n_ctx=cfg.n_ctx, n_threads=cfg.n_threads, seed=cfg.seed)
+
+
+@register_teacher("openai")
+def _openai(cfg: TeacherConfig, cache: ResponseCache, ledger: Ledger) -> CachedTeacher:
+    from pipeline.teachers.openai_compat import OpenAICompatTeacher
+    return OpenAICompatTeacher(cfg, cache, ledger)
+
+
+@register_teacher("vllm")
+def _vllm(cfg: TeacherConfig, cache: ResponseCache, ledger: Ledger) -> CachedTeacher:
+    from pipeline.teachers.vllm_inproc import VLLMTeacher
+    return VLLMTeacher(cfg, cache, ledger)
+
+
+def make_teacher(cfg: TeacherConfig, cache_path: Path, ledger: Ledger | None = None) -> CachedTeacher:
+    """Build the configured backend over the shared response cache and a (new or given) ledger."""
+    factory = _BACKENDS.get(cfg.backend)
+    if factory is None:
+        raise ConfigError(f"Unknown teacher.backend {cfg.backend!r}. Known backends: {', '.join(sorted(_BACKENDS))}.")
+    ledger = ledger or Ledger(cfg.price_per_1m_input, cfg.price_per_1m_output, cfg.budget_usd, cfg.budget_tokens)
+    return factory(cfg, ResponseCache(cache_path), ledger)

@@ -1,0 +1,213 @@
+"""The Teacher protocol, its request/completion types, and the cache and ledger every backend shares."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Protocol
+
+from pydantic import BaseModel, Field
+
+from pipeline.errors import BudgetExceeded
+
+
+class Request(BaseModel):
+    """One teacher call: a chat (messages) or a raw completion (prompt), with decoding params."""
+
+    kind: Literal["chat", "completion"] = "chat"
+    messages: list[dict[str, str]] | None = None
+    prompt: str | None = None
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = Field(default_factory=list)
+    logprobs: int = 0  # top-k logprobs to capture per sampled token (0 = none)
+    sample_index: int = 0  # distinguishes the n samples of the same prompt in the cache
+    stage: str = "generate"  # for the ledger only; not part of the cache key
+
+    def params(self) -> dict[str, Any]:
+        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "stop": self.stop, "logprobs": self.logprobs}
+
+    def cache_key(self, backend: str, model: str) -> str:
+        body = {"backend": backend, "model": model, "kind": self.kind, "messages": self.messages,
+                "prompt": self.prompt, "params": self.params(), "sample_index": self.sample_index}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+class Completion(BaseModel):
+    """A teacher's answer to one Request, or the error that remained after retries."""
+
+    text: str = ""
+    finish_reason: str = ""
+    tokens_in: int = 0
+    tokens_out: int = 0
+    latency_s: float = 0.0
+    error: str | None = None
+    cached: bool = False
+    logprobs: list[dict[str, Any]] | None = None  # per token: {"token", "logprob", "top": {tok: lp}}
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class ResponseCache:
+    """Content-addressed store of teacher replies in SQLite (WAL: safe with concurrent writers)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self._conn() as c:
+            c.execute("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, reply TEXT NOT NULL, created REAL)")
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+        return conn
+
+    def get(self, key: str) -> Completion | None:
+        row = self._conn().execute("SELECT reply FROM replies WHERE key=?", (key,)).fetchone()
+        return Completion.model_validate_json(row[0]) if row else None
+
+    def put(self, key: str, completion: Completion) -> None:
+        # Only successful replies are cached: a failure must be retried on the next run.
+        if completion.ok:
+            self._conn().execute("INSERT OR REPLACE INTO replies VALUES (?, ?, ?)",
+                                 (key, completion.model_dump_json(), time.time()))
+
+    def __len__(self) -> int:
+        return self._conn().execute("SELECT COUNT(*) FROM replies").fetchone()[0]
+
+
+@dataclass
+class StageTally:
+    requests: int = 0
+    cached: int = 0
+    failures: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    latency_s: float = 0.0
+    cost_usd: float = 0.0
+
+
+@dataclass
+class Ledger:
+    """Tokens, requests, failures, latency and dollars, per stage; enforces the budget."""
+
+    price_per_1m_input: float = 0.0
+    price_per_1m_output: float = 0.0
+    budget_usd: float | None = None
+    budget_tokens: int | None = None
+    stages: dict[str, StageTally] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, stage: str, c: Completion) -> None:
+        with self._lock:
+            t = self.stages.setdefault(stage, StageTally())
+            if c.cached:
+                t.cached += 1
+                return  # a cached reply costs nothing
+            t.requests += 1
+            t.failures += 0 if c.ok else 1
+            t.tokens_in += c.tokens_in
+            t.tokens_out += c.tokens_out
+            t.latency_s += c.latency_s
+            t.cost_usd += (c.tokens_in * self.price_per_1m_input + c.tokens_out * self.price_per_1m_output) / 1e6
+
+    def totals(self) -> StageTally:
+        total = StageTally()
+        for t in self.stages.values():
+            for k in vars(total):
+                setattr(total, k, getattr(total, k) + getattr(t, k))
+        return total
+
+    def check_budget(self) -> None:
+        t = self.totals()
+        if self.budget_usd is not None and t.cost_usd >= self.budget_usd:
+            raise BudgetExceeded(f"Teacher budget of ${self.budget_usd:.2f} reached (spent ${t.cost_usd:.4f}); "
+                                 f"work done so far is kept. Raise teacher.budget_usd to continue.")
+        if self.budget_tokens is not None and t.tokens_in + t.tokens_out >= self.budget_tokens:
+            raise BudgetExceeded(f"Teacher budget of {self.budget_tokens} tokens reached; work done so far is kept. "
+                                 f"Raise teacher.budget_tokens to continue.")
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {name: vars(t).copy() for name, t in self.stages.items()}
+        out["total"] = vars(self.totals()).copy()
+        return out
+
+
+class Teacher(Protocol):
+    """What every backend provides: a batch of requests in, one completion per request out, in order."""
+
+    backend: str
+    model: str
+
+    def generate(self, requests: list[Request], on_done: Callable[[int], None] | None = None) -> list[Completion]: ...
+
+
+class CachedTeacher:
+    """Shared front for backends: cache lookups, ledger, budget; subclasses implement `_call_batch`."""
+
+    backend = "base"
+
+    def __init__(self, model: str, cache: ResponseCache, ledger: Ledger):
+        self.model = model
+        self.cache = cache
+        self.ledger = ledger
+
+    def generate(self, requests: list[Request], on_done: Callable[[int], None] | None = None) -> list[Completion]:
+        """Answer every request, from the cache where possible; failures come back with `error` set."""
+        self.ledger.check_budget()
+        results: list[Completion | None] = [None] * len(requests)
+        keys = [r.cache_key(self.backend, self.model) for r in requests]
+        todo: list[int] = []
+        for i, key in enumerate(keys):
+            hit = self.cache.get(key)
+            if hit is not None:
+                results[i] = hit.model_copy(update={"cached": True})
+                self.ledger.record(requests[i].stage, results[i])
+                if on_done:
+                    on_done(1)
+            else:
+                todo.append(i)
+
+        def store(i: int, c: Completion) -> None:
+            # Called as each reply lands, so a kill loses at most the calls in flight.
+            self.cache.put(keys[i], c)
+            self.ledger.record(requests[i].stage, c)
+            results[i] = c
+            if on_done:
+                on_done(1)
+
+        if todo:
+            self._call_batch([(i, requests[i], keys[i]) for i in todo], store)
+        return [r if r is not None else Completion(error="not attempted: budget reached") for r in results]
+
+    def _call_batch(self, items: list[tuple[int, Request, str]], store: Callable[[int, Completion], None]) -> None:
+        raise NotImplementedError
+
+    def _over_budget(self) -> bool:
+        try:
+            self.ledger.check_budget()
+            return False
+        except BudgetExceeded:
+            return True
+
+    def close(self) -> None:
+        """Release model memory or connections."""
+
+
+def request_seed(base_seed: int, key: str) -> int:
+    """A per-request sampling seed derived from the cache key: same request, same sample."""
+    return (base_seed + int(key[:8], 16)) % (2**31 - 1)
