@@ -45,7 +45,7 @@ def report(run_dir: str, generation: dict, curation: dict, training: dict, evalu
     return summary
 
 
-@flow(name="distill", log_prints=True)
+@flow(name="distill")
 def distill(profile: str = "cpu-demo", overrides: list[str] | None = None, config: RunConfig | None = None,
             run_id: str | None = None, stages_to_run: Literal["full", "data"] = "full") -> dict:
     """Distil the teacher into the student and report whether it worked."""

@@ -22,6 +22,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
 
     cfg = load_config(profile=None if args.config else args.profile, config_file=args.config, overrides=args.set)
+    from pipeline.stages import preflight
+
+    preflight(cfg)  # bad seeds, eval set or model: fail in a second, before Prefect starts
     _quiet_prefect()
     from flows.distill import distill
 

@@ -73,6 +73,7 @@ class CurateConfig(Strict):
 
 class StudentConfig(Strict):
     source: str = Field("embedded-cut", description="embedded-cut (the packaged teacher with layers removed), a local HF checkpoint dir, or a hub id.")
+    cut_from: str = Field("smollm2-135m-instruct", description="For embedded-cut: the GGUF (packaged alias or path) the student is cut from; share the teacher's for logit distillation.")
     drop_layers: list[int] = Field(default_factory=lambda: list(range(12, 18)), description="Layers removed from the teacher for embedded-cut (ENVIRONMENT.md: a middle block survives, every-other does not).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: float32 on CPU, bfloat16 on CUDA.")
 

@@ -28,7 +28,10 @@ def resolve_gguf(model: str) -> Path:
     if model in PACKAGED_GGUF:
         package, filename, install = PACKAGED_GGUF[model]
         # find_spec, not import: the package's __init__ imports `llm`, which we do not install.
-        spec = importlib.util.find_spec(package)
+        try:
+            spec = importlib.util.find_spec(package)
+        except (ImportError, ValueError):
+            spec = None
         if spec is None or not spec.submodule_search_locations:
             raise ModelNotFoundError(
                 f"The embedded teacher model {model!r} comes from the Python package {package!r}, which is not "
@@ -54,10 +57,10 @@ def _check_gguf(path: Path) -> None:
                                  f"another format. Re-download it or point teacher.model elsewhere.")
 
 
-def resolve_student(source: str, drop_layers: list[int], teacher_model: str) -> Path:
+def resolve_student(source: str, drop_layers: list[int], cut_from: str) -> Path:
     """The student's HF checkpoint dir: cut from the packaged teacher, or a local dir (hub ids pass through)."""
     if source == "embedded-cut":
-        return cut_student_from_gguf(resolve_gguf(teacher_model), drop_layers)
+        return cut_student_from_gguf(resolve_gguf(cut_from), drop_layers)
     path = Path(source).expanduser()
     if path.exists():
         return path

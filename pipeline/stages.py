@@ -44,7 +44,7 @@ def preflight(cfg: RunConfig) -> None:
     if cfg.teacher.backend == "llamacpp":
         resolve_gguf(cfg.teacher.model)
     if cfg.student.source == "embedded-cut":
-        resolve_gguf(cfg.teacher.model)
+        resolve_gguf(cfg.student.cut_from)
 
 
 def generate_stage(run: Run) -> dict[str, Any]:
@@ -97,7 +97,7 @@ def train_stage(run: Run) -> dict[str, Any]:
     accepted = load_records(run.path("datasets", "curated", "accepted.parquet"))
     if cfg.train.mix_gold:
         accepted += gold_records(cfg.train.mix_gold)
-    student_dir = resolve_student(cfg.student.source, cfg.student.drop_layers, cfg.teacher.model)
+    student_dir = resolve_student(cfg.student.source, cfg.student.drop_layers, cfg.student.cut_from)
     summary = train_lora(student_dir, accepted, cfg.train, run.dir)
     atomic_write_json(summary_path, summary)
     log.info("train: %d examples, %d steps, loss %.3f -> %.3f", summary["examples"], summary["steps"],
@@ -127,7 +127,7 @@ def evaluate_stage(run: Run) -> dict[str, Any]:
         contenders = {"teacher": teacher_answers(teacher, items, ev.max_new_tokens)}
     finally:
         teacher.close()
-    student_dir = resolve_student(cfg.student.source, cfg.student.drop_layers, cfg.teacher.model)
+    student_dir = resolve_student(cfg.student.source, cfg.student.drop_layers, cfg.student.cut_from)
     contenders["raw_student"] = student_answers(student_dir, items, ev.max_new_tokens, ev.batch_size, label="raw student")
     contenders["distilled_student"] = student_answers(student_dir, items, ev.max_new_tokens, ev.batch_size,
                                                       adapter_dir=run.path("adapter"), label="distilled student")
