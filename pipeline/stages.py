@@ -45,20 +45,50 @@ def preflight(cfg: RunConfig) -> None:
         resolve_gguf(cfg.teacher.model)
     if cfg.student.source == "embedded-cut":
         resolve_gguf(cfg.student.cut_from)
+    from pipeline import teachers
+    from pipeline.errors import ConfigError
+
+    if cfg.teacher.backend not in teachers._BACKENDS:
+        raise ConfigError(f"Unknown teacher.backend {cfg.teacher.backend!r}. Known backends: "
+                          f"{', '.join(sorted(teachers._BACKENDS))}.")
+    if cfg.teacher.backend == "openai":
+        check_teacher_endpoint(cfg)
+
+
+def check_teacher_endpoint(cfg: RunConfig) -> None:
+    """An unreachable server or a rejected key is named before any run folder exists."""
+    import os
+
+    import httpx
+
+    from pipeline.errors import ConfigError
+
+    t = cfg.teacher
+    base = (t.base_url or "https://api.openai.com/v1").rstrip("/")
+    key = os.environ.get(t.api_key_env, "")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        resp = httpx.get(f"{base}/models", headers=headers, timeout=min(t.timeout_s, 10))
+    except httpx.HTTPError as e:
+        raise ConfigError(f"teacher.base_url {base} is unreachable ({type(e).__name__}). Start the server "
+                          f"(vllm serve / llama.cpp server / ollama) or fix teacher.base_url.") from None
+    if resp.status_code in (401, 403):
+        raise ConfigError(f"The teacher at {base} rejected the API key from ${t.api_key_env} (HTTP {resp.status_code}). "
+                          f"Export a valid key in {t.api_key_env}.")
 
 
 def generate_stage(run: Run) -> dict[str, Any]:
-    """Self-Instruct: new instructions from the seeds, then the teacher's answers -> generated.parquet."""
+    """generate.mode (Self-Instruct by default): candidates and their outputs -> generated.parquet."""
+    from pipeline.generate import generate_records
+
     out, summary_path = run.path("generated.parquet"), run.path("generate.json")
     if out.exists() and summary_path.exists():
         return _read_json(summary_path)
     cfg = run.cfg
-    seeds = load_seed_tasks(cfg.generate.seed_tasks)
     ledger = _ledger(cfg)
     teacher = make_teacher(cfg.teacher, teacher_cache_path(cfg), ledger)
     try:
-        records, stats = bootstrap_instructions(teacher, seeds, cfg.generate, cfg.curate, run.id)
-        records = answer_instructions(teacher, records, cfg.generate)
+        records, stats = generate_records(teacher, cfg.generate, cfg.curate, run.id)
     finally:
         teacher.close()
     save_records(out, records)
@@ -87,7 +117,7 @@ def curate_stage(run: Run) -> dict[str, Any]:
 
 
 def train_stage(run: Run) -> dict[str, Any]:
-    """LoRA SFT of the student on the accepted records -> adapter/."""
+    """Fine-tune the student on the accepted records (LoRA or full; SFT or logit KD) -> adapter/ (or model/)."""
     from pipeline.train.sft import train_lora
 
     summary_path = run.path("train.json")
@@ -98,10 +128,16 @@ def train_stage(run: Run) -> dict[str, Any]:
     if cfg.train.mix_gold:
         accepted += gold_records(cfg.train.mix_gold)
     student_dir = resolve_student(cfg.student.source, cfg.student.drop_layers, cfg.student.cut_from)
-    summary = train_lora(student_dir, accepted, cfg.train, run.dir)
+    teacher_dir = None
+    if cfg.train.method == "kd" and cfg.train.kd_source == "model" and cfg.train.kd_alpha < 1.0:
+        # Default teacher: the GGUF the student was cut from, dequantized whole (no layers dropped).
+        teacher_dir = resolve_student(cfg.train.kd_teacher or "embedded-cut", [], cfg.student.cut_from)
+    summary = train_lora(student_dir, accepted, cfg.train, run.dir, teacher_dir=teacher_dir)
+    manifest = run.path("datasets", "curated", "manifest.json")
+    summary["dataset"] = _read_json(manifest).get("id") if manifest.exists() else None
     atomic_write_json(summary_path, summary)
-    log.info("train: %d examples, %d steps, loss %.3f -> %.3f", summary["examples"], summary["steps"],
-             summary["first_loss"] or 0, summary["last_loss"] or 0)
+    log.info("train: %d examples, %d steps, loss %.3f -> %.3f, %s tokens/s", summary["examples"], summary["steps"],
+             summary["first_loss"] or 0, summary["last_loss"] or 0, summary["tokens_per_s"])
     return summary
 
 
@@ -115,33 +151,44 @@ def gold_records(n: int) -> list[Record]:
 
 
 def evaluate_stage(run: Run) -> dict[str, Any]:
-    """Teacher, raw student and distilled student answer the held-out items; ROUGE-L with intervals."""
+    """Teacher, raw, distilled (and gold-trained) student answer the held-out items; ROUGE-L, judge win rates,
+    perplexity, speed and size, each with intervals -> eval/summary.json and eval/outputs.jsonl."""
+    from pipeline.evaluate.bench import gguf_params, score_contenders, train_gold_adapter, write_outputs
+
     summary_path = run.path("eval", "summary.json")
     if summary_path.exists():
         return _read_json(summary_path)
     cfg, ev = run.cfg, run.cfg.evaluate
     items = load_eval_set(ev.eval_set, ev.limit)
     ledger = _ledger(cfg)
-    teacher = make_teacher(cfg.teacher, teacher_cache_path(cfg), ledger)
+    cache_dir = teacher_cache_path(cfg).parent  # student answers are cached beside the teacher's replies
+    teacher = make_teacher(cfg.teacher, cache_dir / "teacher.sqlite", ledger)
     try:
         contenders = {"teacher": teacher_answers(teacher, items, ev.max_new_tokens)}
     finally:
         teacher.close()
+    if cfg.teacher.backend == "llamacpp":
+        gguf = resolve_gguf(cfg.teacher.model)
+        contenders["teacher"].update(params=gguf_params(gguf), disk_bytes=gguf.stat().st_size)
     student_dir = resolve_student(cfg.student.source, cfg.student.drop_layers, cfg.student.cut_from)
-    contenders["raw_student"] = student_answers(student_dir, items, ev.max_new_tokens, ev.batch_size, label="raw student")
-    contenders["distilled_student"] = student_answers(student_dir, items, ev.max_new_tokens, ev.batch_size,
-                                                      adapter_dir=run.path("adapter"), label="distilled student")
-    results: dict[str, Any] = {"eval_set": str(ev.eval_set), "items": len(items), "max_new_tokens": ev.max_new_tokens}
-    rows = [{"id": it.id, "instruction": it.instruction, "input": it.input, "reference": it.reference} for it in items]
-    for name, c in contenders.items():
-        scores = score_contender(items, c["answers"], ev.bootstrap_samples)
-        for row, answer, score in zip(rows, c["answers"], scores["per_item"]):
-            row[name] = answer
-            row[f"{name}_rouge_l"] = score
-        results[name] = {k: v for k, v in {**c, **scores}.items() if k not in ("answers", "per_item")}
-    results["ledger"] = ledger.as_dict()
-    atomic_write_text(run.path("eval", "outputs.jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    atomic_write_json(summary_path, results)
+    adapters = {"raw_student": None, "distilled_student": run.path("adapter")}
+    if ev.gold_student:  # trained on as many gold Alpaca records as distillation accepted
+        n = max(1, _read_json(run.path("datasets", "curated", "manifest.json")).get("accepted") or 0)
+        adapters["gold_student"] = train_gold_adapter(run.path("gold"), student_dir, gold_records(n), cfg.train)
+    for name, adapter in adapters.items():
+        contenders[name] = student_answers(student_dir, items, ev.max_new_tokens, ev.batch_size, adapter_dir=adapter,
+                                           label=name.replace("_", " "), cache_dir=cache_dir, perplexity=ev.perplexity)
+    judge = make_teacher(ev.judge, cache_dir / "teacher.sqlite", ledger) if ev.judge else None
+    try:
+        scores, rows = score_contenders(items, contenders, judge, ev.judge_baseline, ev.bootstrap_samples)
+    finally:
+        if judge is not None:
+            judge.close()
+    results: dict[str, Any] = {"eval_set": str(ev.eval_set), "items": len(items), "max_new_tokens": ev.max_new_tokens,
+                               "judge": f"{ev.judge.backend}:{ev.judge.model}" if ev.judge else None,
+                               "judge_baseline": ev.judge_baseline if ev.judge else None, **scores,
+                               "ledger": ledger.as_dict()}
+    write_outputs(run.path("eval"), results, rows)
     return results
 
 
@@ -156,7 +203,7 @@ def report_stage(run: Run, generation: dict, curation: dict, training: dict, eva
     summary = {"report": str(path), **headline(results), "accepted": curation.get("accepted"),
                "rejected": curation.get("rejected")}
     run.set_state("completed", summary=summary)
-    run.catalog.upsert("models", id=f"{run.id}/distilled", run_id=run.id, path=str(run.path("adapter").resolve()),
-                       role="candidate", dataset_id=curation.get("id"), metrics=headline(results),
-                       created=run.status().get("updated"))
+    from pipeline.registry import register_model  # a candidate until the registry decides champion/challenger
+
+    summary["model_id"] = register_model(run, curation, evaluation, headline(results))
     return summary
