@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import logging
+import sqlite3
 import os
 import sys
 import time
@@ -16,6 +19,23 @@ def _quiet_prefect() -> None:
     # Offline boxes: telemetry calls only produce noise.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    # The temporary local API server can take longer than Prefect's 20 s default on a busy 2-core box.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # A user error raised inside the flow is printed once, as a paragraph with the fix; Prefect's engine would
+    # otherwise log it with a full traceback first.
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_UserErrorWithoutTraceback())
+
+
+class _UserErrorWithoutTraceback(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and _is_user_error(record.exc_info[1]):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _is_user_error(e: BaseException | None) -> bool:
+    return isinstance(e, DistillError) or (e is not None and _disk_full(e))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -77,6 +97,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_browse(args: argparse.Namespace) -> int:
+    from pipeline.browse import serve
+
+    serve(Path(args.runs_dir), host=args.host, port=args.port, index_dir=args.index_dir)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distill", description="Distil a teacher LLM into a small student through synthetic data.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -99,11 +126,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed-field", default="instruction")
     d.set_defaults(func=cmd_dedupe)
 
+    b = sub.add_parser("browse", help="read-only web pages for every run, dataset version and record")
+    b.add_argument("--runs-dir", default="runs")
+    b.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    b.add_argument("--port", type=int, default=8765)
+    b.add_argument("--index-dir", help="where search indexes are cached (default: <runs-dir>/cache/browse)")
+    b.set_defaults(func=cmd_browse)
+
     for name, fn, help_ in (("runs", cmd_runs, "list runs in the catalog"), ("models", cmd_models, "list models with scores")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("--runs-dir", default="runs")
         s.set_defaults(func=fn)
     return p
+
+
+def _disk_full(e: BaseException) -> bool:
+    return getattr(e, "errno", None) == errno.ENOSPC or "disk is full" in str(e)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,6 +150,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except DistillError as e:
         print(f"\ndistill: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, sqlite3.OperationalError) as e:
+        if not _disk_full(e):
+            raise
+        where = f" while writing {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"\ndistill: error: No space left on the device{where}. Finished stages and cached teacher replies are "
+              f"kept and nothing half-written is marked complete; free some space, then resume with "
+              f"`distill run --run-id <run id>`.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ndistill: interrupted; finished stages are kept, rerun with --run-id to resume.", file=sys.stderr)
