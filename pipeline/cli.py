@@ -104,6 +104,12 @@ def cmd_browse(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_teacher_server(args: argparse.Namespace) -> int:
+    from pipeline.teachers.server import run_teacher_server
+
+    return run_teacher_server(args.model, args.port, n_threads=args.n_threads, n_ctx=args.n_ctx)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distill", description="Distil a teacher LLM into a small student through synthetic data.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -132,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--port", type=int, default=8765)
     b.add_argument("--index-dir", help="where search indexes are cached (default: <runs-dir>/cache/browse)")
     b.set_defaults(func=cmd_browse)
+
+    t = sub.add_parser("teacher-server", help="serve a GGUF teacher with llama.cpp's OpenAI-compatible server on loopback")
+    t.add_argument("--model", default="smollm2-135m-instruct", help="packaged alias or GGUF path")
+    t.add_argument("--port", type=int, default=8080)
+    t.add_argument("--n-threads", type=int, default=None, help="default: one per core")
+    t.add_argument("--n-ctx", type=int, default=2048)
+    t.set_defaults(func=cmd_teacher_server)
 
     for name, fn, help_ in (("runs", cmd_runs, "list runs in the catalog"), ("models", cmd_models, "list models with scores")):
         s = sub.add_parser(name, help=help_)

@@ -34,6 +34,12 @@ def _openai(cfg: TeacherConfig, cache: ResponseCache, ledger: Ledger) -> CachedT
     return OpenAICompatTeacher(cfg, cache, ledger)
 
 
+@register_teacher("openai-batch")
+def _openai_batch(cfg: TeacherConfig, cache: ResponseCache, ledger: Ledger) -> CachedTeacher:
+    from pipeline.teachers.openai_batch import OpenAIBatchTeacher
+    return OpenAIBatchTeacher(cfg, cache, ledger)
+
+
 @register_teacher("vllm")
 def _vllm(cfg: TeacherConfig, cache: ResponseCache, ledger: Ledger) -> CachedTeacher:
     from pipeline.teachers.vllm_inproc import VLLMTeacher

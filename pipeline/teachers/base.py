@@ -89,6 +89,23 @@ class ResponseCache:
     def __len__(self) -> int:
         return self._conn().execute("SELECT COUNT(*) FROM replies").fetchone()[0]
 
+    # Batch API jobs in flight, so a killed run resumes polling its batch instead of paying for a second one.
+    def _batches(self) -> sqlite3.Connection:
+        conn = self._conn()
+        conn.execute("CREATE TABLE IF NOT EXISTS batches (tag TEXT PRIMARY KEY, batch_id TEXT NOT NULL, created REAL)")
+        return conn
+
+    def pending_batch(self, tag: str) -> str | None:
+        """The batch id submitted earlier for this set of requests, if it was not collected yet."""
+        row = self._batches().execute("SELECT batch_id FROM batches WHERE tag=?", (tag,)).fetchone()
+        return row[0] if row else None
+
+    def remember_batch(self, tag: str, batch_id: str) -> None:
+        self._batches().execute("INSERT OR REPLACE INTO batches VALUES (?, ?, ?)", (tag, batch_id, time.time()))
+
+    def forget_batch(self, tag: str) -> None:
+        self._batches().execute("DELETE FROM batches WHERE tag=?", (tag,))
+
 
 @dataclass
 class StageTally:

@@ -26,6 +26,13 @@ from starlette.routing import Route
 Responder = Callable[[dict], str]
 
 FAULTS = ("429", "429_retry_after", "500", "503", "timeout", "drop", "malformed", "length")
+# Not in the default mix (never retried): "401" answers with an error that echoes the caller's API key, as a
+# careless server might, so tests can check the key never leaks from our side.
+
+
+def request_digest(prompt_or_messages: str | list) -> str:
+    """The key `FakeOpenAIServer.requests` counts under, for a prompt string or a messages list."""
+    return hashlib.sha256(json.dumps(prompt_or_messages, sort_keys=True).encode()).hexdigest()
 
 
 def default_responder(body: dict) -> str:
@@ -54,6 +61,14 @@ class FakeOpenAIServer:
     requests: Counter = field(default_factory=Counter)  # prompt/messages digest -> times received
     faults_served: Counter = field(default_factory=Counter)
     latency_s: float = 0.0
+    retry_after_s: float = 0.05
+    faults_per_request: int | None = None  # if set: each distinct request's first k attempts fail (faults in turn)
+    required_api_key: str | None = None  # if set, any other bearer token gets a 401 that echoes it
+    keys_seen: Counter = field(default_factory=Counter)  # bearer tokens received (to test key plumbing)
+    batch_delay_s: float = 0.0
+    batch_fail_custom_ids: set = field(default_factory=set)  # these lines land in the batch's error file
+    files: dict = field(default_factory=dict)  # file id -> JSONL text (uploads and batch outputs)
+    batches: dict = field(default_factory=dict)  # batch id -> batch object
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
@@ -62,8 +77,13 @@ class FakeOpenAIServer:
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         app = Starlette(routes=[Route("/v1/chat/completions", self._chat, methods=["POST"]),
                                 Route("/v1/completions", self._completions, methods=["POST"]),
-                                Route("/v1/models", self._models, methods=["GET"])])
-        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error",
+                                Route("/v1/models", self._models, methods=["GET"]),
+                                Route("/v1/files", self._upload_file, methods=["POST"]),
+                                Route("/v1/files/{file_id}/content", self._file_content, methods=["GET"]),
+                                Route("/v1/batches", self._create_batch, methods=["POST"]),
+                                Route("/v1/batches/{batch_id}", self._get_batch, methods=["GET"])])
+        # "critical": a dropped connection is an exception in the app by design; its traceback is noise.
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="critical",
                                                      timeout_keep_alive=5))
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
@@ -90,41 +110,64 @@ class FakeOpenAIServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def _wrong_key(self, request: Request) -> Response | None:
+        token = request.headers.get("authorization", "").removeprefix("Bearer ")
+        if self.required_api_key is not None and token != self.required_api_key:
+            return JSONResponse({"error": {"message": f"Incorrect API key provided: {token}.", "code": "invalid_api_key"}},
+                                status_code=401)
+        return None
+
     async def _models(self, request: Request) -> Response:
+        if (refusal := self._wrong_key(request)) is not None:
+            return refusal
         return JSONResponse({"object": "list", "data": [{"id": "fake-teacher", "object": "model"}]})
 
-    def _pick_fault(self) -> str | None:
+    def _pick_fault(self, key: str) -> str | None:
         with self._lock:
+            if self.faults_per_request is not None:
+                attempt = self.requests[key]  # already counts this attempt
+                return self.faults[(attempt - 1) % len(self.faults)] if attempt <= self.faults_per_request else None
             if self.fault_rate and self._rng.random() < self.fault_rate:
                 return self._rng.choice(self.faults)
         return None
 
     async def _handle(self, request: Request, kind: str) -> Response:
         body = await request.json()
-        key = hashlib.sha256(json.dumps(body.get("prompt") or body.get("messages"), sort_keys=True).encode()).hexdigest()
+        if (refusal := self._wrong_key(request)) is not None:
+            return refusal
+        token = request.headers.get("authorization", "").removeprefix("Bearer ")
+        key = request_digest(body.get("prompt") or body.get("messages"))
         with self._lock:
             self.requests[key] += 1
+            self.keys_seen[token] += 1
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
-        fault = self._pick_fault()
+        fault = self._pick_fault(key)
         if fault:
             with self._lock:
                 self.faults_served[fault] += 1
         if fault == "429":
             return JSONResponse({"error": {"message": "rate limited"}}, status_code=429)
         if fault == "429_retry_after":
-            return JSONResponse({"error": {"message": "rate limited"}}, status_code=429, headers={"Retry-After": "0.05"})
+            return JSONResponse({"error": {"message": "rate limited"}}, status_code=429,
+                                headers={"Retry-After": str(self.retry_after_s)})
+        if fault == "401":
+            return JSONResponse({"error": {"message": f"Incorrect API key provided: {token}.", "code": "invalid_api_key"}},
+                                status_code=401)
         if fault in ("500", "503"):
             return JSONResponse({"error": {"message": "server error"}}, status_code=int(fault))
         if fault == "timeout":
             await asyncio.sleep(self.timeout_sleep_s)
         if fault == "drop":
-            raise ConnectionResetError("dropped")  # uvicorn closes the connection without a response
+            return _DroppedResponse()
         if fault == "malformed":
             return PlainTextResponse('{"id": "x", "choices": [', media_type="application/json")
+        return JSONResponse(self._reply(body, kind, key, truncated=fault == "length"))
+
+    def _reply(self, body: dict, kind: str, key: str, truncated: bool = False) -> dict:
         text = self.responder(body)
         finish = "stop"
-        if fault == "length":
+        if truncated:
             text, finish = text[: max(1, len(text) // 3)], "length"
         usage = {"prompt_tokens": len(json.dumps(body.get("prompt") or body.get("messages")).split()),
                  "completion_tokens": len(text.split()), "total_tokens": 0}
@@ -134,8 +177,73 @@ class FakeOpenAIServer:
         else:
             choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
             obj = "text_completion"
-        return JSONResponse({"id": f"fake-{key[:8]}", "object": obj, "created": int(time.time()),
-                             "model": body.get("model", "fake"), "choices": [choice], "usage": usage})
+        return {"id": f"fake-{key[:8]}", "object": obj, "created": int(time.time()),
+                "model": body.get("model", "fake"), "choices": [choice], "usage": usage}
+
+    # --- Batch API: /v1/files and /v1/batches. A batch completes `batch_delay_s` after it was created. ---
+
+    async def _upload_file(self, request: Request) -> Response:
+        raw = (await request.body()).decode()
+        # The multipart body holds the JSONL verbatim; its request lines are the JSON lines with a custom_id.
+        lines = [ln for ln in raw.splitlines() if ln.startswith("{") and '"custom_id"' in ln]
+        with self._lock:
+            file_id = f"file-{len(self.files) + 1}"
+            self.files[file_id] = "\n".join(lines) + "\n"
+        return JSONResponse({"id": file_id, "object": "file", "bytes": len(raw), "created_at": int(time.time()),
+                             "filename": "batch.jsonl", "purpose": "batch", "status": "processed"})
+
+    async def _file_content(self, request: Request) -> Response:
+        file_id = request.path_params["file_id"]
+        if file_id not in self.files:
+            return JSONResponse({"error": {"message": f"No such file {file_id}"}}, status_code=404)
+        return PlainTextResponse(self.files[file_id])
+
+    async def _create_batch(self, request: Request) -> Response:
+        body = await request.json()
+        with self._lock:
+            batch_id = f"batch-{len(self.batches) + 1}"
+            self.batches[batch_id] = {"id": batch_id, "object": "batch", "endpoint": body["endpoint"],
+                                      "input_file_id": body["input_file_id"], "completion_window": "24h",
+                                      "status": "in_progress", "created_at": time.time(), "output_file_id": None,
+                                      "error_file_id": None}
+        return JSONResponse(self._batch_view(batch_id))
+
+    async def _get_batch(self, request: Request) -> Response:
+        batch_id = request.path_params["batch_id"]
+        if batch_id not in self.batches:
+            return JSONResponse({"error": {"message": f"No such batch {batch_id}"}}, status_code=404)
+        batch = self.batches[batch_id]
+        if batch["status"] == "in_progress" and time.time() - batch["created_at"] >= self.batch_delay_s:
+            self._run_batch(batch)
+        return JSONResponse(self._batch_view(batch_id))
+
+    def _batch_view(self, batch_id: str) -> dict:
+        b = self.batches[batch_id]
+        return {**b, "created_at": int(b["created_at"])}
+
+    def _run_batch(self, batch: dict) -> None:
+        kind = "chat" if batch["endpoint"].endswith("chat/completions") else "completion"
+        out, errors = [], []
+        for line in self.files[batch["input_file_id"]].splitlines():
+            item = json.loads(line)
+            body = item["body"]
+            key = request_digest(body.get("prompt") or body.get("messages"))
+            with self._lock:
+                self.requests[key] += 1
+            if self.batch_fail_custom_ids and item["custom_id"] in self.batch_fail_custom_ids:
+                errors.append({"id": f"req-{key[:8]}", "custom_id": item["custom_id"], "response": None,
+                               "error": {"code": "server_error", "message": "the model failed on this request"}})
+                continue
+            out.append({"id": f"req-{key[:8]}", "custom_id": item["custom_id"], "error": None,
+                        "response": {"status_code": 200, "request_id": key[:8], "body": self._reply(body, kind, key)}})
+        with self._lock:
+            for name, rows in (("output_file_id", out), ("error_file_id", errors)):
+                if rows:
+                    file_id = f"file-{len(self.files) + 1}"
+                    self.files[file_id] = "".join(json.dumps(r) + "\n" for r in rows)
+                    batch[name] = file_id
+            batch["status"] = "completed"
+            batch["request_counts"] = {"total": len(out) + len(errors), "completed": len(out), "failed": len(errors)}
 
     async def _chat(self, request: Request) -> Response:
         return await self._handle(request, "chat")
@@ -144,7 +252,38 @@ class FakeOpenAIServer:
         return await self._handle(request, "completion")
 
 
+class _DroppedResponse(Response):
+    """Starts a 200 reply, sends part of the body, then fails: uvicorn closes the socket mid-response."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"500")]})
+        await send({"type": "http.response.body", "body": b'{"id": "dropped", "choices": [', "more_body": True})
+        raise ConnectionResetError("connection dropped by the fake server")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def main() -> None:
+    """Run the fake server in its own process (benchmarks): prints its base_url, serves until killed."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--latency-s", type=float, default=0.0)
+    p.add_argument("--fault-rate", type=float, default=0.0)
+    args = p.parse_args()
+    server = FakeOpenAIServer(latency_s=args.latency_s, fault_rate=args.fault_rate).start()
+    print(server.base_url, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Teacher client throughput: our openai backend (cache, ledger, retries included) vs. a bare asyncio+httpx load at
+the same concurrency, and vs. a sequential one-request-at-a-time loop like Alpaca's, all against the same fake
+OpenAI-compatible server (its own process, fixed latency per request). Prints JSON.
+
+    python bench/teacher_throughput.py --requests 400 --concurrency 16 --latency-s 0.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.config import TeacherConfig  # noqa: E402
+from pipeline.teachers import Request, make_teacher  # noqa: E402
+
+
+def messages(i: int, run: str) -> list[dict[str, str]]:
+    # Distinct per run, so no measurement is served from another's cache.
+    return [{"role": "user", "content": f"[{run}] request {i}: explain why rivers meander, briefly."}]
+
+
+def ours(base_url: str, n: int, concurrency: int, run: str) -> tuple[float, int]:
+    """Seconds and completion tokens for n requests through make_teacher (fresh cache)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = TeacherConfig(backend="openai", base_url=base_url, model="fake-teacher", max_concurrency=concurrency,
+                            max_retries=2, timeout_s=30)
+        teacher = make_teacher(cfg, Path(tmp) / "cache.sqlite")
+        reqs = [Request(messages=messages(i, run), max_tokens=64) for i in range(n)]
+        start = time.perf_counter()
+        out = teacher.generate(reqs)
+        wall = time.perf_counter() - start
+    assert all(c.ok for c in out), [c.error for c in out if not c.ok][:3]
+    return wall, sum(c.tokens_out for c in out)
+
+
+async def _bare(base_url: str, n: int, concurrency: int, run: str) -> tuple[float, int]:
+    sem = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=30) as client:
+        async def one(i: int) -> int:
+            async with sem:
+                r = await client.post("/chat/completions", json={"model": "fake-teacher", "max_tokens": 64,
+                                                                 "messages": messages(i, run)})
+                r.raise_for_status()
+                return r.json()["usage"]["completion_tokens"]
+        start = time.perf_counter()
+        tokens = await asyncio.gather(*(one(i) for i in range(n)))
+        return time.perf_counter() - start, sum(tokens)
+
+
+def bare(base_url: str, n: int, concurrency: int, run: str) -> tuple[float, int]:
+    """The same load with nothing but asyncio + httpx: the floor our client is compared to."""
+    return asyncio.run(_bare(base_url, n, concurrency, run))
+
+
+def sequential(base_url: str, n: int, run: str) -> tuple[float, int]:
+    """One request at a time, waiting for each reply (Alpaca's generate loop, minus its batching of prompts)."""
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        start, tokens = time.perf_counter(), 0
+        for i in range(n):
+            r = client.post("/chat/completions", json={"model": "fake-teacher", "max_tokens": 64,
+                                                      "messages": messages(i, run)})
+            tokens += r.json()["usage"]["completion_tokens"]
+        return time.perf_counter() - start, tokens
+
+
+def start_server(latency_s: float) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.openai_server", "--latency-s", str(latency_s)],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return proc, proc.stdout.readline().strip()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=400)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--latency-s", type=float, default=0.2, help="fixed server latency per request")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sequential-requests", type=int, default=25)
+    args = p.parse_args()
+
+    proc, base_url = start_server(args.latency_s)
+    try:
+        bare(base_url, args.concurrency, args.concurrency, "warm-up")  # connections and imports warmed once
+        ours(base_url, args.concurrency, args.concurrency, "warm-up")
+        runs: dict[str, list[float]] = {"ours": [], "bare": []}
+        for k in range(args.repeats):  # interleaved, so load from other processes hits both alike
+            for name, fn in (("ours", ours), ("bare", bare)) if k % 2 == 0 else (("bare", bare), ("ours", ours)):
+                wall, tokens = fn(base_url, args.requests, args.concurrency, f"{name}-{k}")
+                runs[name].append(tokens / wall)
+        seq_wall, seq_tokens = sequential(base_url, args.sequential_requests, "sequential")
+    finally:
+        proc.terminate()
+        proc.wait()
+
+    ours_tps, bare_tps, seq_tps = statistics.median(runs["ours"]), statistics.median(runs["bare"]), seq_tokens / seq_wall
+    print(json.dumps({
+        "requests": args.requests, "concurrency": args.concurrency, "server_latency_s": args.latency_s,
+        "repeats": args.repeats, "cpu_cores": len(os.sched_getaffinity(0)), "load_avg_1m": os.getloadavg()[0],
+        "ours_tokens_per_s": round(ours_tps, 1), "bare_httpx_tokens_per_s": round(bare_tps, 1),
+        "ours_runs": [round(x, 1) for x in runs["ours"]], "bare_runs": [round(x, 1) for x in runs["bare"]],
+        "overhead_vs_bare_pct": round(100 * (1 - ours_tps / bare_tps), 2),
+        "sequential_tokens_per_s": round(seq_tps, 1),
+        "speedup_vs_sequential": round(ours_tps / seq_tps, 1),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

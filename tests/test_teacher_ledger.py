@@ -1,0 +1,73 @@
+"""The ledger per stage, and the budget cap: it stops the run cleanly and keeps every reply already paid for."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import TeacherConfig
+from pipeline.errors import BudgetExceeded
+from pipeline.teachers import Request, make_teacher
+from tests.fakes.openai_server import FakeOpenAIServer, default_responder
+
+
+def chat(i: int, stage: str = "generate") -> Request:
+    return Request(messages=[{"role": "user", "content": f"item {i}: what is a bee?"}], stage=stage)
+
+
+def tokens_of(req: Request) -> tuple[int, int]:
+    """What the fake server reports as usage for this request (prompt words, reply words)."""
+    import json
+    return len(json.dumps(req.messages).split()), len(default_responder({"messages": req.messages}).split())
+
+
+def config(server: FakeOpenAIServer, **kw) -> TeacherConfig:
+    # One request at a time, so the budget is crossed at a known request.
+    return TeacherConfig(backend="openai", base_url=server.base_url, model="fake-teacher", max_concurrency=1,
+                         max_retries=0, **kw)
+
+
+@pytest.mark.parametrize("cap", ["tokens", "dollars"])
+def test_budget_cap_stops_cleanly_and_keeps_finished_replies(tmp_path, cap):
+    reqs = [chat(i) for i in range(10)]
+    t_in, t_out = tokens_of(reqs[0])
+    per_request = t_in + t_out
+    if cap == "tokens":
+        limits = dict(budget_tokens=int(3.5 * per_request))
+    else:  # $1 per 1M input tokens, $2 per 1M output tokens
+        limits = dict(price_per_1m_input=1.0, price_per_1m_output=2.0, budget_usd=3.5 * (t_in + 2 * t_out) / 1e6)
+    cache = tmp_path / "c.sqlite"
+    with FakeOpenAIServer() as server:
+        teacher = make_teacher(config(server, **limits), cache)
+        out = teacher.generate(reqs)
+        # Requests 0-3 were paid for (the 4th crossed the cap); the rest were not sent and say so.
+        assert [c.ok for c in out] == [True] * 4 + [False] * 6
+        assert all(c.error.startswith("not attempted") for c in out[4:])
+        assert server.total_requests == 4 and len(teacher.cache) == 4
+        with pytest.raises(BudgetExceeded, match="budget"):
+            teacher.generate([chat(99)])
+        assert server.total_requests == 4
+
+        # A later run with a bigger budget reuses the 4 paid replies and pays only for the 6 others.
+        more = make_teacher(config(server), cache)
+        again = more.generate(reqs)
+        assert all(c.ok for c in again) and [c.cached for c in again] == [True] * 4 + [False] * 6
+        assert [c.text for c in again[:4]] == [c.text for c in out[:4]]
+        assert server.total_requests == 10
+
+
+def test_ledger_counts_per_stage(tmp_path):
+    with FakeOpenAIServer(faults=("500",), faults_per_request=5) as server:
+        teacher = make_teacher(config(server, price_per_1m_input=2.0, price_per_1m_output=4.0), tmp_path / "c.sqlite")
+        teacher.generate([chat(0, "evaluate")])  # fails: the server errs on every try of this request
+        server.faults_per_request = 0
+        teacher.generate([chat(i, "generate") for i in range(1, 4)] + [chat(0, "evaluate")])
+        teacher.generate([chat(1, "generate")])  # cached: free
+    ledger = teacher.ledger.as_dict()
+    gen, ev = ledger["generate"], ledger["evaluate"]
+    t_in, t_out = zip(*(tokens_of(chat(i)) for i in range(1, 4)))
+    assert (gen["requests"], gen["cached"], gen["failures"]) == (3, 1, 0)
+    assert (gen["tokens_in"], gen["tokens_out"]) == (sum(t_in), sum(t_out))
+    assert gen["cost_usd"] == pytest.approx((2 * sum(t_in) + 4 * sum(t_out)) / 1e6)
+    assert (ev["requests"], ev["failures"]) == (2, 1)
+    assert gen["latency_s"] > 0 and ev["latency_s"] > 0
+    assert ledger["total"]["requests"] == 5 and ledger["total"]["cached"] == 1
