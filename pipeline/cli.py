@@ -62,6 +62,9 @@ def print_summary(result: dict, elapsed: float) -> None:
     for key, label in (("teacher", "teacher"), ("raw_student", "raw student"), ("distilled_student", "distilled student")):
         if key in result:
             print(f"  ROUGE-L {label:<18} {result[key]:.3f}")
+    for key, label in (("raw_student", "raw student"), ("distilled_student", "distilled student")):
+        if f"{key}_win_rate" in result:
+            print(f"  judge win rate {label:<11} {result[f'{key}_win_rate']:.0%}")
     if "distilled_minus_raw" in result:
         print(f"  distilled - raw: {result['distilled_minus_raw']:+.3f}; "
               f"keeps {result.get('distilled_keeps_of_teacher', float('nan')):.0%} of the teacher")
@@ -145,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--n-threads", type=int, default=None, help="default: one per core")
     t.add_argument("--n-ctx", type=int, default=2048)
     t.set_defaults(func=cmd_teacher_server)
+
+    from pipeline.evaluate.cli import add_evaluate_parser
+
+    add_evaluate_parser(sub)  # distill evaluate --model DIR --adapter DIR --eval-set FILE [--eval-set FILE] [--judge k=v]
 
     for name, fn, help_ in (("runs", cmd_runs, "list runs in the catalog"), ("models", cmd_models, "list models with scores")):
         s = sub.add_parser(name, help=help_)

@@ -1,15 +1,19 @@
 """The run's report: the table users ask for (does the distilled student beat the raw one, and how much
-of the teacher does it keep?), as markdown, JSON and a PNG."""
+of the teacher does it keep, at what speed and size?), as markdown, JSON, PNG plots and artifact tables."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pipeline.store import atomic_write_json, atomic_write_text
 
 ROWS = [("teacher", "Teacher"), ("raw_student", "Raw student"), ("distilled_student", "Distilled student"),
         ("gold_student", "Gold-trained student")]
+COLORS = {"teacher": "#555", "raw_student": "#c66", "distilled_student": "#4a8", "gold_student": "#48c"}
+# Scored metrics with intervals: (key, column title, digits, higher is better).
+METRICS = [("rouge_l", "ROUGE-L", 3, True), ("win_rate", "win rate", 3, True), ("lc_win_rate", "LC win rate", 3, True),
+           ("perplexity", "ref. perplexity", 2, False)]
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -20,52 +24,159 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
+def _ci(e: dict, key: str, digits: int) -> str:
+    lo, hi = (e.get(f"{key}_ci") or [None, None])[:2]
+    if e.get(key) is None:
+        return "–"
+    if isinstance(e[key], float) and abs(e[key]) >= 1000:  # a broken student's perplexity: keep the cell short
+        return f"{e[key]:.3g} [{lo:.3g}, {hi:.3g}]"
+    return f"{_fmt(e.get(key), digits)} [{_fmt(lo, digits)}, {_fmt(hi, digits)}]"
+
+
+def contenders(ev: dict[str, Any]) -> list[tuple[str, str]]:
+    """(key, label) of the contenders present in an evaluation, in report order (known ones first)."""
+    known = [(k, label) for k, label in ROWS if isinstance(ev.get(k), dict)]
+    extra = [(k, k) for k, v in ev.items() if isinstance(v, dict) and "rouge_l" in v and k not in dict(ROWS)]
+    return known + extra
+
+
+def headline_rows(ev: dict[str, Any]) -> list[dict[str, Any]]:
+    """One flat row per contender: every metric with its interval, size and speed (for tables and artifacts)."""
+    rows = []
+    for key, label in contenders(ev):
+        e = ev[key]
+        row: dict[str, Any] = {"contender": label}
+        for m, _, digits, _ in METRICS:
+            if e.get(m) is not None:
+                lo, hi = (e.get(f"{m}_ci") or [None, None])[:2]
+                row.update({m: _round(e[m], digits + 1), f"{m}_low": _round(lo, digits + 1), f"{m}_high": _round(hi, digits + 1)})
+        row.update(params_m=_round(e["params"] / 1e6, 1) if e.get("params") else None,
+                   disk_mb=_round(e["disk_bytes"] / 2**20, 1) if e.get("disk_bytes") else None,
+                   tokens_per_s=_round(e.get("tokens_per_s"), 1), latency_s=_round(e.get("latency_s"), 2),
+                   speed_vs_teacher=_round(e.get("speed_vs_teacher"), 2))
+        rows.append(row)
+    return rows
+
+
+def _round(x: Any, digits: int) -> Any:
+    return round(x, digits) if isinstance(x, float) and x == x else x
+
+
 def headline(results: dict[str, Any]) -> dict[str, Any]:
-    """The few numbers printed at the end of a run."""
+    """The few numbers printed at the end of a run: ROUGE-L per contender (keyed by contender), gaps, win rates."""
     ev = results.get("evaluation", {})
-    out = {k: ev[k]["rouge_l"] for k, _ in ROWS if k in ev}
+    out: dict[str, Any] = {k: ev[k]["rouge_l"] for k, _ in ROWS if isinstance(ev.get(k), dict) and "rouge_l" in ev[k]}
     t = out.get("teacher")
     if t and "distilled_student" in out:
         out["distilled_keeps_of_teacher"] = out["distilled_student"] / t
     if "raw_student" in out and "distilled_student" in out:
         out["distilled_minus_raw"] = out["distilled_student"] - out["raw_student"]
+    if "gold_student" in out and "distilled_student" in out:
+        out["distilled_minus_gold"] = out["distilled_student"] - out["gold_student"]
+    for k, _ in ROWS:
+        if isinstance(ev.get(k), dict) and ev[k].get("win_rate") is not None:
+            out[f"{k}_win_rate"] = ev[k]["win_rate"]
     return out
 
 
+def contender_table(ev: dict[str, Any]) -> list[str]:
+    """The headline table as markdown lines; columns without any value are left out."""
+    cols: list[tuple[str, Callable[[dict], str]]] = []
+    present = lambda key: any(ev[k].get(key) is not None for k, _ in contenders(ev))  # noqa: E731
+    for m, title, digits, _ in METRICS:
+        if present(m):
+            cols.append((f"{title} [95% CI]", lambda e, m=m, d=digits: _ci(e, m, d)))
+    extra = [("params", "params", lambda e: f"{e['params'] / 1e6:.1f} M" if e.get("params") else "–"),
+             ("disk_bytes", "disk", lambda e: f"{e['disk_bytes'] / 2**20:.0f} MB" if e.get("disk_bytes") else "–"),
+             ("tokens_per_s", "tokens/s", lambda e: _fmt(e.get("tokens_per_s"), 1)),
+             ("latency_s", "s/answer", lambda e: _fmt(e.get("latency_s"), 2)),
+             ("speed_vs_teacher", "speed vs teacher", lambda e: f"{e['speed_vs_teacher']:.2f}×" if e.get("speed_vs_teacher") else "–"),
+             ("rouge_l_vs_teacher", "ROUGE-L vs teacher", lambda e: _fmt(e.get("rouge_l_vs_teacher"), 2))]
+    cols += [(title, fn) for key, title, fn in extra if present(key)]
+    lines = ["| contender | " + " | ".join(t for t, _ in cols) + " |", "| --- |" + " --- |" * len(cols)]
+    for key, label in contenders(ev):
+        lines.append(f"| {label} | " + " | ".join(fn(ev[key]) for _, fn in cols) + " |")
+    return lines
+
+
+def category_table(ev: dict[str, Any]) -> list[str]:
+    """Per-category ROUGE-L (and win rate) per contender, when the eval set has categories."""
+    names = contenders(ev)
+    cats = sorted({c for k, _ in names for c in (ev[k].get("by_category") or {})})
+    if not cats:
+        return []
+    lines = ["| category | n | " + " | ".join(label for _, label in names) + " |", "| --- | --- |" + " --- |" * len(names)]
+    for cat in cats:
+        cells, n = [], "–"
+        for k, _ in names:
+            c = (ev[k].get("by_category") or {}).get(cat, {})
+            n = c.get("n", n)
+            wr = f" / {c['win_rate']:.2f}" if c.get("win_rate") is not None else ""
+            cells.append(_fmt(c.get("rouge_l")) + wr)
+        lines.append(f"| {cat} | {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _verdict(ev: dict[str, Any], h: dict[str, Any]) -> list[str]:
+    if "distilled_minus_raw" not in h:
+        return []
+    d, r = ev["distilled_student"], ev["raw_student"]
+    lo_d, hi_r = (d.get("rouge_l_ci") or [None])[0], (r.get("rouge_l_ci") or [None, None])[1]
+    sure = lo_d is not None and hi_r is not None and lo_d > hi_r
+    if h["distilled_minus_raw"] > 0:
+        line = (f"**The distilled student beats the raw student** by {h['distilled_minus_raw']:+.3f} ROUGE-L"
+                + (" (the intervals do not overlap)" if sure else " (the intervals overlap: not conclusive)"))
+    else:
+        line = f"**The distilled student does not beat the raw student** ({h['distilled_minus_raw']:+.3f} ROUGE-L)"
+    if h.get("distilled_keeps_of_teacher") is not None:
+        line += f" and keeps {h['distilled_keeps_of_teacher']:.0%} of the teacher's ROUGE-L"
+    if h.get("distilled_minus_gold") is not None:
+        line += f"; against the gold-trained student: {h['distilled_minus_gold']:+.3f}"
+    return [line + "."]
+
+
+def evaluation_section(ev: dict[str, Any], plots: dict[str, str]) -> list[str]:
+    """Headline table, notes, per-category breakdown and plots of one evaluation."""
+    judge = (f" Judge: `{ev['judge']}`, each contender against the {ev.get('judge_baseline')} answer, both orders "
+             f"(win = 1, loss = 0, per item the mean of the two orders); LC = length-controlled.") if ev.get("judge") else ""
+    lines = [f"Eval set: `{ev.get('eval_set', '?')}`, {ev.get('items', '?')} items, greedy, max {ev.get('max_new_tokens', '?')} "
+             f"new tokens. Intervals: 95% bootstrap over items.{judge}", ""]
+    lines += contender_table(ev) + [""]
+    h = headline({"evaluation": ev})
+    lines += _verdict(ev, h)
+    bias = [f"{label}: {ev[k]['judge_first_position_rate']:.0%}" for k, label in contenders(ev)
+            if ev[k].get("judge_first_position_rate") is not None]
+    if bias:
+        lines += ["", "How often the judge chose whichever answer was shown first (50% = no position bias): " + ", ".join(bias) + "."]
+    if any(ev[k].get("perplexity") is not None for k, _ in contenders(ev)):
+        lines += ["", "Reference perplexity: exp of the mean negative log-likelihood per token of the reference answers "
+                      "(response tokens and end-of-turn only) under each student; lower is better."]
+    if ev.get("teacher", {}).get("tokens_per_s"):
+        lines += ["", "Teacher speed is its own backend (llama.cpp on a quantized GGUF when embedded); student speeds are "
+                      "transformers on this machine, batched: compare students with each other."]
+    cat = category_table(ev)
+    if cat:
+        lines += ["", "### Per category (ROUGE-L / win rate)", ""] + cat
+    if plots:
+        lines += [""] + [f"![{title}]({name})" for name, title in plots.items()]
+    return lines + [""]
+
+
 def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
-    """report.md, report.json and scores.png in the run folder."""
+    """report.md, report.json, scores.png and speed_quality.png in the run folder."""
     run_dir = Path(run_dir)
     ev = results.get("evaluation", {})
     gen, cur, train, ledger = (results.get(k, {}) for k in ("generation", "curation", "training", "ledger"))
-    teacher_speed = ev.get("teacher", {}).get("tokens_per_s")
-    lines = [f"# distill report: {results.get('run_id', run_dir.name)}", "",
-             f"Eval set: `{ev.get('eval_set', '?')}`, {ev.get('items', '?')} items, greedy, "
-             f"max {ev.get('max_new_tokens', '?')} new tokens. Intervals: 95% bootstrap of the mean.", "",
-             "| contender | ROUGE-L | 95% CI | params | tokens/s | latency/answer (s) | share of teacher ROUGE-L |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    t_score = ev.get("teacher", {}).get("rouge_l")
-    for key, label in ROWS:
-        if key not in ev:
-            continue
-        e = ev[key]
-        ci = e.get("rouge_l_ci") or [None, None]
-        share = (e["rouge_l"] / t_score) if t_score else None
-        params = f"{e['params'] / 1e6:.1f} M" if e.get("params") else "–"
-        lines.append(f"| {label} | {_fmt(e.get('rouge_l'))} | [{_fmt(ci[0])}, {_fmt(ci[1])}] | {params} | "
-                     f"{_fmt(e.get('tokens_per_s'), 1)} | {_fmt(e.get('latency_s'), 2)} | {_fmt(share, 2)} |")
-    h = headline(results)
-    if "distilled_minus_raw" in h:
-        verdict = "beats" if h["distilled_minus_raw"] > 0 else "does not beat"
-        lines += ["", f"**The distilled student {verdict} the raw student** by {h['distilled_minus_raw']:+.3f} ROUGE-L "
-                      f"and keeps {h.get('distilled_keeps_of_teacher', float('nan')):.0%} of the teacher's score."]
-    if teacher_speed:
-        lines += ["", "Teacher speed is llama.cpp (quantized GGUF) when the teacher is embedded; student speeds are "
-                      "transformers on this machine, so compare students with each other."]
-    lines += ["", "## Data", "",
+    plots = {}
+    if plot_scores(ev, run_dir / "scores.png"):
+        plots["scores.png"] = "scores with 95% intervals"
+    if plot_speed_quality(ev, run_dir / "speed_quality.png"):
+        plots["speed_quality.png"] = "speed vs quality"
+    lines = [f"# distill report: {results.get('run_id', run_dir.name)}", ""] + evaluation_section(ev, plots)
+    lines += ["## Data", "",
               f"- Instruction prompts sent: {gen.get('prompts', '–')}; candidate instructions parsed: "
               f"{gen.get('candidates', '–')}; kept by the bootstrap loop: {gen.get('kept_instructions', '–')}",
-              f"- Curated: **{cur.get('accepted', 0)} accepted**, {cur.get('rejected', 0)} rejected",
-              ""]
+              f"- Curated: **{cur.get('accepted', 0)} accepted**, {cur.get('rejected', 0)} rejected", ""]
     if cur.get("reject_reasons"):
         lines += ["| reject reason | count |", "| --- | --- |"]
         lines += [f"| {k} | {v} |" for k, v in cur["reject_reasons"].items()]
@@ -77,39 +188,108 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
                   f"{_fmt(train.get('trainable_params'))} trainable of {_fmt(train.get('params'))} parameters",
                   f"- Truncated examples: {train.get('preflight', {}).get('truncated', '–')}; curves: `training_curves.png`", ""]
     if ledger:
-        tot = ledger.get("total", {})
         lines += ["## Teacher ledger", "", "| stage | requests | cached | failures | tokens in | tokens out | cost ($) |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for stage, t in ledger.items():
             lines.append(f"| {stage} | {t['requests']} | {t['cached']} | {t['failures']} | {t['tokens_in']} | "
                          f"{t['tokens_out']} | {t['cost_usd']:.4f} |")
         lines.append("")
-        del tot
     lines += ["## Files", "", "- `config.yaml`: the resolved config", "- `datasets/curated/`: accepted and rejected "
               "records (Parquet) with `manifest.json`", "- `adapter/`: the LoRA adapter", "- `eval/outputs.jsonl`: every "
-              "contender's answer per item", "- `report.json`: all numbers", "- `scores.png`: scores with intervals", ""]
+              "contender's answer per item, with its scores", "- `report.json`: all numbers",
+              "- `scores.png`, `speed_quality.png`: the plots", ""]
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines))
-    atomic_write_json(run_dir / "report.json", {**results, "headline": h})
-    plot_scores(ev, run_dir / "scores.png")
+    atomic_write_json(run_dir / "report.json", {**results, "headline": h_all(results)})
     return path
 
 
-def plot_scores(ev: dict[str, Any], path: Path) -> None:
+def h_all(results: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers plus the flat per-contender table (report.json)."""
+    return {**headline(results), "table": headline_rows(results.get("evaluation", {}))}
+
+
+def write_benchmark_report(out_dir: Path, results: dict[str, Any]) -> Path:
+    """report.md and report.json of `evaluate_model`: one section per eval set."""
+    out_dir = Path(out_dir)
+    lines = [f"# Benchmark: `{results.get('model')}`" + (f" + adapter `{results['adapter']}`" if results.get("adapter") else ""), ""]
+    for name, ev in results.get("sets", {}).items():
+        plots = {f"{name}/scores.png": "scores"} if plot_scores(ev, out_dir / name / "scores.png") else {}
+        lines += [f"## {name}", ""] + evaluation_section(ev, plots)
+    path = out_dir / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    atomic_write_json(out_dir / "report.json", results)
+    return path
+
+
+def artifact_tables(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The report's tables for Prefect: [{key, table, description}] to pass to create_table_artifact."""
+    ev = results.get("evaluation", {})
+    out = [{"key": "distill-scores", "table": headline_rows(ev),
+            "description": f"Teacher vs students on {ev.get('items', '?')} held-out items (95% bootstrap intervals)"}]
+    cats = [{"category": c, "contender": label, **{k: v for k, v in ev[k]["by_category"][c].items()}}
+            for k, label in contenders(ev) for c in (ev[k].get("by_category") or {})]
+    if cats:
+        out.append({"key": "distill-categories", "table": cats, "description": "Per-category scores"})
+    return out
+
+
+def plot_scores(ev: dict[str, Any], path: Path) -> bool:
+    """One bar panel per metric that has values, with 95% intervals as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [(k, label) for k, label in ROWS if k in ev and ev[k].get("rouge_l") == ev[k].get("rouge_l")]
-    if not keys:
-        return
-    means = [ev[k]["rouge_l"] for k, _ in keys]
-    lo = [m - ev[k]["rouge_l_ci"][0] for (k, _), m in zip(keys, means)]
-    hi = [ev[k]["rouge_l_ci"][1] - m for (k, _), m in zip(keys, means)]
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.bar([label for _, label in keys], means, yerr=[lo, hi], capsize=6, color=["#555", "#c66", "#4a8", "#48c"][: len(keys)])
-    ax.set(ylabel="ROUGE-L (95% CI)", title="Does distillation work?")
+    names = contenders(ev)
+    panels = [(m, title) for m, title, _, _ in METRICS if any(_ok(ev[k].get(m)) for k, _ in names)]
+    if not panels:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels) + 1, 3.4), squeeze=False)
+    for ax, (m, title) in zip(axes[0], panels):
+        keys = [(k, label) for k, label in names if _ok(ev[k].get(m))]
+        means = [ev[k][m] for k, _ in keys]
+        cis = [ev[k].get(f"{m}_ci") or [v, v] for (k, _), v in zip(keys, means)]
+        err = [[max(0, v - (c[0] if _ok(c[0]) else v)) for v, c in zip(means, cis)],
+               [max(0, (c[1] if _ok(c[1]) else v) - v) for v, c in zip(means, cis)]]
+        ax.bar(range(len(keys)), means, yerr=err, capsize=5, color=[COLORS.get(k, "#999") for k, _ in keys])
+        ax.set_xticks(range(len(keys)), [label.replace(" ", "\n", 1) for _, label in keys], fontsize=8)
+        ax.set_title(title)
+        if m in ("win_rate", "lc_win_rate"):
+            ax.axhline(0.5, color="#999", lw=0.8, ls="--")
+    fig.suptitle("Does distillation work? (95% CI)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
+
+
+def plot_speed_quality(ev: dict[str, Any], path: Path) -> bool:
+    """Tokens/s against the headline quality score (win rate when judged, else ROUGE-L), one point per contender."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [(k, label) for k, label in contenders(ev) if ev[k].get("tokens_per_s")]
+    metric = "win_rate" if any(_ok(ev[k].get("win_rate")) for k, _ in names) else "rouge_l"
+    names = [(k, label) for k, label in names if _ok(ev[k].get(metric))]
+    if not names:
+        return False
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for k, label in names:
+        e = ev[k]
+        lo, hi = (e.get(f"{metric}_ci") or [e[metric], e[metric]])[:2]
+        ax.errorbar(e["tokens_per_s"], e[metric], yerr=[[e[metric] - lo], [hi - e[metric]]], fmt="o", capsize=4,
+                    color=COLORS.get(k, "#999"), label=label)
+    ax.set(xlabel="tokens/s (this machine)", ylabel=dict((m, t) for m, t, _, _ in METRICS)[metric], title="Speed vs quality")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _ok(x: Any) -> bool:
+    return isinstance(x, (int, float)) and x == x
