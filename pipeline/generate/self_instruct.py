@@ -35,6 +35,25 @@ def parse_reply(style: str, text: str, n_examples: int, truncated: bool) -> list
     return parse_numbered_list(text, truncated)
 
 
+def screen(rec: Record, pool: NearDuplicateIndex, curate_cfg: CurateConfig) -> Record:
+    """Alpaca's instruction filters, then ROUGE-L against the pool; a kept instruction joins the pool."""
+    reason = first_failure(rec, curate_cfg, INSTRUCTION_FILTERS)
+    if reason:
+        return rec.reject(reason)
+    verdict = pool.check_and_add(rec.instruction)
+    if not verdict.kept:
+        return rec.reject("near_duplicate", f"ROUGE-L {verdict.score:.3f} to: {pool.texts[verdict.nearest]}")
+    return rec
+
+
+def seed_pool(seeds: list[str], curate_cfg: CurateConfig) -> NearDuplicateIndex:
+    """The near-duplicate index a generation loop starts from: the seed instructions count as kept."""
+    pool = NearDuplicateIndex(curate_cfg.rouge_threshold, vocabulary_hint=seeds)
+    for s in seeds:
+        pool.add(s)
+    return pool
+
+
 def bootstrap_instructions(teacher: CachedTeacher, seeds: list[SeedTask], cfg: GenerateConfig,
                            curate_cfg: CurateConfig, run_id: str) -> tuple[list[Record], dict]:
     """Run the loop until `target_instructions` new ones are kept or `max_prompts` are spent.
@@ -44,9 +63,7 @@ def bootstrap_instructions(teacher: CachedTeacher, seeds: list[SeedTask], cfg: G
     """
     rng = random.Random(cfg.random_seed)
     seed_texts = [s.instruction for s in seeds]
-    pool = NearDuplicateIndex(curate_cfg.rouge_threshold, vocabulary_hint=seed_texts)
-    for s in seed_texts:
-        pool.add(s)
+    pool = seed_pool(seed_texts, curate_cfg)
     machine: list[str] = []
     records: list[Record] = []
     prompts_sent = 0
@@ -74,7 +91,8 @@ def bootstrap_instructions(teacher: CachedTeacher, seeds: list[SeedTask], cfg: G
                 prov = dict(run_id=run_id, teacher=f"{teacher.backend}:{teacher.model}", template=name,
                             template_hash=template_hash(name), prompt_seed_ids=[s.id for s in shown_seeds],
                             prompt_machine_instructions=shown_machine, raw_reply=reply.text,
-                            gen_params=json.dumps({**params, "stop": stop, "seed": cfg.random_seed, "prompt_index": req.sample_index}),
+                            gen_params=json.dumps({**params, "stop": stop, "seed": cfg.random_seed, "prompt_index": req.sample_index,
+                                                   "mode": "self-instruct"}),
                             finish_reason="")
                 if not reply.ok:
                     records.append(Record(instruction="", **prov).reject("teacher_error", reply.error))
@@ -84,18 +102,11 @@ def bootstrap_instructions(teacher: CachedTeacher, seeds: list[SeedTask], cfg: G
                     records.append(Record(instruction="", **prov).reject("unparseable_reply", reply.text[:500]))
                     continue
                 for text in items:
-                    rec = Record(instruction=text, **prov)
-                    reason = first_failure(rec, curate_cfg, INSTRUCTION_FILTERS)
-                    if reason:
-                        records.append(rec.reject(reason))
-                        continue
-                    verdict = pool.check_and_add(text)
-                    if not verdict.kept:
-                        records.append(rec.reject("near_duplicate", f"ROUGE-L {verdict.score:.3f} to: {pool.texts[verdict.nearest]}"))
-                        continue
-                    machine.append(text)
+                    rec = screen(Record(instruction=text, **prov), pool, curate_cfg)
                     records.append(rec)
-                    bar.update(1)
+                    if rec.status == "pending":
+                        machine.append(text)
+                        bar.update(1)
     stats = {"prompts": prompts_sent, "candidates": sum(1 for r in records if r.instruction),
              "kept_instructions": len(machine)}
     return records, stats
@@ -103,17 +114,19 @@ def bootstrap_instructions(teacher: CachedTeacher, seeds: list[SeedTask], cfg: G
 
 def answer_instructions(teacher: CachedTeacher, records: list[Record], cfg: GenerateConfig) -> list[Record]:
     """Ask the teacher to answer each pending instruction; failures become rejects with the error."""
-    pending = [r for r in records if r.status == "pending"]
+    pending = [r for r in records if r.status == "pending" and not r.output]
     requests = [Request(kind="chat", messages=[{"role": "user", "content": render("response", instruction=r.instruction, input=r.input)}],
                         max_tokens=cfg.response_max_tokens, temperature=cfg.response_temperature, stage="generate")
                 for r in pending]
     with Progress(len(requests), "generate: answers", key="generate-answers") as bar:
         replies = teacher.generate(requests, on_done=bar.update)
     answered = {}
-    for r, reply in zip(pending, replies):
+    for r, req, reply in zip(pending, requests, replies):
         if not reply.ok:
             answered[id(r)] = r.reject("teacher_error", reply.error)
         else:
+            params = {**json.loads(r.gen_params or "{}"), "answer_template": "response",
+                      "answer_template_hash": template_hash("response"), "answer_params": req.params()}
             answered[id(r)] = Record(**{**r.model_dump(exclude={"id"}), "output": reply.text.strip(),
-                                        "finish_reason": reply.finish_reason})
+                                        "finish_reason": reply.finish_reason, "gen_params": json.dumps(params)})
     return [answered.get(id(r), r) for r in records]
