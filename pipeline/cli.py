@@ -68,6 +68,8 @@ def print_summary(result: dict, elapsed: float) -> None:
     if "distilled_minus_raw" in result:
         print(f"  distilled - raw: {result['distilled_minus_raw']:+.3f}; "
               f"keeps {result.get('distilled_keeps_of_teacher', float('nan')):.0%} of the teacher")
+    if "decision" in result:
+        print(f"  registry: {'champion' if result.get('promoted') else 'challenger'}: {result['decision']}")
     if result.get("report"):
         print(f"  report: {result['report']}")
     print("=" * 72)
@@ -91,12 +93,21 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from pipeline.registry import decisions
     from pipeline.store import Catalog
 
-    for row in Catalog(Path(args.runs_dir)).rows("models", "ORDER BY created"):
-        metrics = json.loads(row["metrics"] or "{}")
-        score = metrics.get("distilled_student")
-        print(f"{row['id']:<48} {row['role']:<11} ROUGE-L {score if score is None else round(score, 4)}  {row['path']}")
+    catalog = Catalog(Path(args.runs_dir))
+    reasons = {d["model_id"]: d["reason"] for d in decisions(catalog)}  # the latest decision per model
+    for row in catalog.rows("models", "ORDER BY created"):
+        m = json.loads(row["metrics"] or "{}")
+        score, ci = m.get("rouge_l", m.get("distilled_student")), m.get("rouge_l_ci")
+        shown = "–" if score is None else f"{score:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+        print(f"{row['id']:<48} {row['role']:<10} ROUGE-L {shown}  {row['path']}")
+        if row["id"] in reasons:
+            print(f"    {reasons[row['id']]}")
+    pointer = Path(args.runs_dir) / "champion" / "champion.json"
+    if pointer.exists():
+        print(f"champion: {json.loads(pointer.read_text())['model_id']} -> {pointer.parent / 'adapter'}")
     return 0
 
 

@@ -23,13 +23,18 @@ class Strict(BaseModel):
 
 
 class TeacherConfig(Strict):
-    backend: str = Field("llamacpp", description="Teacher backend by name: llamacpp (embedded), openai (any OpenAI-compatible base_url), vllm (in-process).")
+    backend: str = Field("llamacpp", description="Teacher backend by name: llamacpp (embedded), openai (any OpenAI-compatible base_url), openai-batch (OpenAI Batch API: half price, hours), vllm (in-process).")
     model: str = Field("smollm2-135m-instruct", description="Model: a GGUF path or packaged alias for llamacpp, the served model name for openai, a hub id or path for vllm.")
     base_url: str | None = Field(None, description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 for vLLM or llama.cpp servers.")
+    extra_base_urls: list[str] = Field(default_factory=list, description="More endpoints serving the same model; requests are spread round-robin over base_url and these.")
     api_key_env: str = Field("OPENAI_API_KEY", description="Name of the environment variable holding the API key (the key itself never goes in a config).")
+    api_key_secret_block: str | None = Field(None, description="Name of a Prefect Secret block holding the API key; used instead of api_key_env when set.")
     max_concurrency: int = Field(8, ge=1, le=1024, description="Requests in flight at once (HTTP backends).")
     timeout_s: float = Field(120.0, gt=0, description="Per-request timeout in seconds.")
-    max_retries: int = Field(5, ge=0, le=20, description="Retries with exponential backoff and jitter on 429/5xx/timeouts (Retry-After honoured).")
+    max_retries: int = Field(5, ge=0, le=20, description="Retries with exponential backoff and jitter on 429/5xx/timeouts/dropped connections (Retry-After honoured) and on malformed JSON replies.")
+    malformed_backoff_s: float = Field(0.5, gt=0, le=60, description="First backoff for retrying a malformed JSON reply (doubling, jittered); the SDK's own 429/5xx backoff starts at 0.5 s and is fixed.")
+    batch_poll_s: float = Field(30.0, gt=0, description="openai-batch backend: seconds between status checks of a submitted Batch API job.")
+    batch_completion_window: str = Field("24h", description="openai-batch backend: the Batch API completion window (OpenAI accepts 24h).")
     n_ctx: int = Field(2048, ge=256, description="Context window for the embedded llama.cpp teacher.")
     n_threads: int | None = Field(None, ge=1, description="llama.cpp threads; default one per core (oversubscription collapses throughput).")
     seed: int = Field(0, description="Base sampling seed; each request derives its own from its cache key so results are reproducible.")
@@ -40,7 +45,10 @@ class TeacherConfig(Strict):
 
 
 class GenerateConfig(Strict):
-    mode: Literal["self-instruct"] = Field("self-instruct", description="Generation mode.")
+    mode: Literal["self-instruct", "alpaca", "responses", "magpie"] = Field(
+        "self-instruct", description="self-instruct: the paper's bootstrap loop; alpaca: 3 seeds in, up to 20 "
+        "instruction/input/output triples out per prompt; responses: the teacher answers your instructions "
+        "(responses_from); magpie: the teacher writes user requests from its chat template's user-turn opening, then answers them.")
     seed_tasks: Path = Field(DATA_DIR / "self_instruct_seed_tasks.jsonl", description="Self-Instruct seed tasks (JSONL: instruction, instances[{input, output}], is_classification).")
     prompt_style: Literal["completion", "chat"] = Field("completion", description="completion: few-shot 'Task 9:' prompt (base/small models); chat: a request for a numbered list.")
     target_instructions: int = Field(40, ge=1, description="Stop once this many new instructions passed the filters.")
@@ -54,6 +62,30 @@ class GenerateConfig(Strict):
     response_temperature: float = Field(0.0, ge=0, le=2, description="Temperature for the teacher's answers (0 = greedy).")
     response_max_tokens: int = Field(256, ge=16, description="Max new tokens per answer.")
     random_seed: int = Field(42, description="Seeds the choice of examples per prompt; recorded with every record.")
+    instances: Literal["paper", "answer", "paper-or-answer"] = Field(
+        "paper-or-answer", description="self-instruct outputs. paper: identify classification tasks, then make instances "
+        "output-first for those and input-first otherwise; answer: the teacher just answers the instruction; "
+        "paper-or-answer: paper, and answer the instruction where no instance parses.")
+    classification_examples: int = Field(12, ge=2, description="Seed tasks shown in the 'is it classification?' prompt (half of each kind).")
+    instance_examples: int = Field(3, ge=1, description="Seed tasks with instances shown per instance-generation prompt.")
+    instance_max_tokens: int = Field(200, ge=16, description="Max new tokens per instance-generation prompt.")
+    alpaca_seed_examples: int = Field(3, ge=1, description="alpaca: seed tasks shown per prompt (Alpaca: 3).")
+    alpaca_tasks_per_prompt: int = Field(20, ge=2, description="alpaca: triples asked for per prompt (Alpaca: 20).")
+    alpaca_max_tokens: int = Field(1024, ge=64, description="alpaca: max new tokens per prompt (20 triples need room).")
+    responses_from: Path | None = Field(None, description="responses: your instructions as JSONL, CSV or Parquet, or a "
+                                        "`datasets` dataset saved to disk; columns 'instruction' (or 'prompt') and optional 'input'.")
+    responses_n: int = Field(1, ge=1, le=16, description="responses: answers sampled per instruction (best-of-n).")
+    responses_choice: Literal["first", "longest", "judge-best"] = Field(
+        "first", description="responses: which of the n answers to keep; judge-best asks the teacher as a pairwise judge "
+        "(both orders) in a knockout over the samples: 2(n-1) extra calls per instruction.")
+    magpie_template: Literal["chatml", "llama3", "gemma"] = Field("chatml", description="magpie: the chat template whose user-turn opening is the prompt (SmolLM2 and Qwen use chatml).")
+    magpie_system: str = Field("You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+                               description="magpie: system message before the user turn ('' for none).")
+    magpie_temperature: float = Field(1.0, ge=0, le=2, description="magpie: temperature for writing user requests (Magpie: 1.0).")
+    magpie_max_tokens: int = Field(128, ge=8, description="magpie: max new tokens per user request.")
+    evol_rounds: int = Field(0, ge=0, le=8, description="Evol-Instruct rounds over the kept records of any mode (0: off): "
+                             "each round rewrites every surviving instruction deeper or broader, answers it, and drops "
+                             "failed evolutions by WizardLM's elimination rules.")
 
 
 class CurateConfig(Strict):
@@ -69,17 +101,25 @@ class CurateConfig(Strict):
     dedupe_against_seeds: bool = Field(True, description="Count the seed instructions as already kept (Alpaca and Self-Instruct do).")
     decontaminate_ngram: int = Field(8, ge=1, description="n for the n-gram overlap check against the evaluation sets.")
     decontaminate_threshold: float = Field(0.5, gt=0, le=1, description="Drop a record when this fraction of its instruction+input n-grams occurs in an eval item.")
+    prior_datasets: list[Path] = Field(default_factory=list, description="Earlier dataset version folders (runs/<id>/datasets/curated): their saved near-duplicate pool counts as kept, so new data is deduped against every earlier version.")
+    top_leading_verbs: int = Field(20, ge=1, description="How many leading verbs the diversity statistics list.")
 
 
 class StudentConfig(Strict):
     source: str = Field("embedded-cut", description="embedded-cut (the packaged teacher with layers removed), a local HF checkpoint dir, or a hub id.")
     cut_from: str = Field("smollm2-135m-instruct", description="For embedded-cut: the GGUF (packaged alias or path) the student is cut from; share the teacher's for logit distillation.")
-    drop_layers: list[int] = Field(default_factory=lambda: list(range(12, 18)), description="Layers removed from the teacher for embedded-cut (ENVIRONMENT.md: a middle block survives, every-other does not).")
+    drop_layers: list[int] | str = Field(default_factory=lambda: list(range(12, 18)), description="Layers removed from the teacher for embedded-cut: an explicit list, 'a-b' (a block, inclusive), 'middle:N' (the N centre layers) or 'every:K' (keep layers 0, K, 2K, ...). ENVIRONMENT.md: a middle block survives, every-other does not.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: float32 on CPU, bfloat16 on CUDA.")
+    chat_template: str | None = Field(None, description="Declare a chat template for a student whose tokenizer has none: a Jinja string or a .jinja/.j2 file. Without one such a student is refused (never a silent fallback).")
 
     @field_validator("drop_layers")
     @classmethod
-    def _non_negative(cls, v: list[int]) -> list[int]:
+    def _non_negative(cls, v: list[int] | str) -> list[int] | str:
+        if isinstance(v, str):
+            from pipeline.models import parse_layer_spec
+
+            parse_layer_spec(v, 10_000)  # syntax only; the layer count is known once the model is loaded
+            return v.strip()
         if any(i < 0 for i in v):
             raise ValueError("layer indices must be >= 0")
         return sorted(set(v))
@@ -98,6 +138,15 @@ class TrainConfig(Strict):
     max_length: int = Field(256, ge=16, description="Tokens per example after the chat template; longer ones are truncated (counted before training).")
     seed: int = Field(0, description="Training seed.")
     mix_gold: int = Field(0, ge=0, description="Add this many gold Alpaca records to the generated data (0: pure distillation).")
+    method: Literal["sft", "kd"] = Field("sft", description="sft: cross-entropy on the teacher's text; kd: Hinton logit distillation, kd_alpha * CE + (1 - kd_alpha) * T^2 * KL(teacher_T || student_T).")
+    finetune: Literal["lora", "full"] = Field("lora", description="lora: train a LoRA adapter; full: train every weight (small students only; saves the whole model).")
+    kd_alpha: float = Field(0.5, ge=0, le=1, description="Weight of the cross-entropy term in the KD loss (1.0 = plain SFT).")
+    kd_temperature: float = Field(2.0, gt=0, description="Softmax temperature T for teacher and student in the KD loss.")
+    kd_source: Literal["model", "logprobs"] = Field("model", description="Teacher distributions for kd: model (an in-process HF teacher, full vocabulary) or logprobs (top-k stored with the records).")
+    kd_teacher: str | None = Field(None, description="For kd_source=model: an HF checkpoint dir or hub id; default: the GGUF named by student.cut_from, dequantized.")
+    merge: bool = Field(False, description="Also save the student with the LoRA adapter merged in (merged/), ready to serve.")
+    padding_free: Literal["auto", "on", "off"] = Field("auto", description="Padding-free batching: auto = on for CUDA with flash-attention installed, off on CPU.")
+    check_memory: bool = Field(True, description="Warn before training when the memory estimate exceeds what is free (RAM on CPU, GPU memory on CUDA).")
 
 
 class EvaluateConfig(Strict):
@@ -106,6 +155,45 @@ class EvaluateConfig(Strict):
     max_new_tokens: int = Field(128, ge=8, description="Max new tokens per answer, for every contender.")
     batch_size: int = Field(8, ge=1, description="Batched generation size for the students.")
     bootstrap_samples: int = Field(1000, ge=100, description="Bootstrap resamples for confidence intervals.")
+    judge: TeacherConfig | None = Field(None, description="Pairwise LLM judge (any teacher backend, same keys as teacher:); null skips the judge. The embedded 135M model answers in format but cannot tell answers apart ('I don't know.' won 42% against the reference), so the CPU demo leaves it off.")
+    judge_baseline: Literal["reference", "teacher"] = Field("reference", description="What each contender's answer is judged against: the eval set's reference answer or the teacher's.")
+    perplexity: bool = Field(True, description="Perplexity of the reference answers under each student (response tokens only).")
+    gold_student: bool = Field(False, description="Also train a student on as many gold Alpaca records as were accepted, and evaluate it.")
+
+
+class RetrainConfig(Strict):
+    """Scheduled retraining (deployment distill/retrain) and the champion/challenger promotion rule."""
+
+    cron: str = Field("0 3 * * 1", description="When distill/retrain runs (cron, 5 fields; default Mondays 03:00).")
+    timezone: str = Field("UTC", description="IANA timezone of the cron schedule, e.g. Europe/Berlin.")
+    metric: str = Field("rouge_l", description="Metric a challenger must beat the champion on (higher is better), by more than its 95% CI half-width.")
+    guards: dict[str, float] = Field(default_factory=lambda: {"tokens_per_s": 0.3}, description="Other metrics and the relative regression each may show (0.3 = 30% worse) before a promotion is refused; latency_s/perplexity count lower as better.")
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, v: str) -> str:
+        if len(v.split()) != 5:
+            raise ValueError("cron needs 5 fields (minute hour day-of-month month day-of-week), e.g. '0 3 * * 1'")
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("unknown timezone; use an IANA name such as UTC or Europe/Berlin") from None
+        return v
+
+
+class ScaleConfig(Strict):
+    task_runner: Literal["none", "default", "ray", "dask"] = Field("none", description="Fan teacher calls out over a Prefect task runner: none (one process, the backend's own concurrency), default (threads), ray (prefect-ray; a local or remote Ray cluster), dask (prefect-dask; a local cluster or scheduler address). Needs the 'scale' extra for ray/dask.")
+    workers: int = Field(2, ge=1, le=1024, description="Workers (threads, Ray CPUs or Dask worker processes) for a local cluster; shards in flight at once.")
+    shard_size: int = Field(16, ge=1, description="Requests per shard (one Prefect task each). Each worker opens its own backend connection per shard, so very small shards waste time.")
+    ray_address: str | None = Field(None, description="Ray cluster to join, e.g. ray://head:10001 or auto (after `ray start --head`); null starts a local cluster of `workers` CPUs.")
+    dask_address: str | None = Field(None, description="Dask scheduler to join, e.g. tcp://head:8786; null starts a local cluster of `workers` processes.")
 
 
 class RunConfig(Strict):
@@ -117,6 +205,8 @@ class RunConfig(Strict):
     student: StudentConfig = Field(default_factory=StudentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    scale: ScaleConfig = Field(default_factory=ScaleConfig)
 
     def fingerprint(self) -> str:
         """Stable hash of the resolved config (recorded in manifests)."""

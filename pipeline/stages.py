@@ -104,14 +104,30 @@ def curate_stage(run: Run) -> dict[str, Any]:
     final = run.path("datasets", "curated", "manifest.json")
     if final.exists():
         return _read_json(final)
-    cfg = run.cfg
+    from pipeline.curate import contamination_report, stage_counts
+    from pipeline.curate.fastdedupe import load_pool, save_pool
+    from pipeline.curate.stats import diversity_stats, export_alpaca_jsonl, plot_stats
+
+    cfg, cc = run.cfg, run.cfg.curate
     records = load_records(run.path("generated.parquet"))
     seeds = [s.instruction for s in load_seed_tasks(cfg.generate.seed_tasks)]
     eval_items = load_eval_set(cfg.evaluate.eval_set)  # the whole set, not just the evaluated slice
-    accepted, rejected = curate(records, cfg.curate, seeds, [f"{e.instruction} {e.input}" for e in eval_items])
+    prior = [t for d in cc.prior_datasets for t in load_pool(Path(d) / "near_dup_pool.npz")]
+    accepted, rejected = curate(records, cc, seeds, [f"{e.instruction} {e.input}" for e in eval_items], prior)
     reasons = reject_counts(rejected)
-    run.save_dataset("curated", accepted, rejected, {"parents": [], "teacher": f"{cfg.teacher.backend}:{cfg.teacher.model}",
-                                                     "reject_reasons": reasons})
+    stats = diversity_stats(accepted, seeds, cc.top_leading_verbs)
+    folder = run.save_dataset("curated", accepted, rejected, {
+        "parents": [str(d) for d in cc.prior_datasets], "teacher": f"{cfg.teacher.backend}:{cfg.teacher.model}",
+        "stage_counts": stage_counts(len(records), accepted, rejected), "reject_reasons": reasons,
+        "decontamination": contamination_report(rejected, len(eval_items), cc), "diversity": stats,
+        "files": {"alpaca_jsonl": "accepted.alpaca.jsonl", "near_dup_pool": "near_dup_pool.npz",
+                  "plots": ["rouge_to_seeds.png", "lengths.png", "leading_verbs.png"]}})
+    # Extras beside the version's own files: Alpaca-format export, plots, and the kept pool that a later
+    # version dedupes against (prior_datasets).
+    export_alpaca_jsonl(accepted, folder / "accepted.alpaca.jsonl")
+    plot_stats(stats, folder)
+    pool = (seeds if cc.dedupe_against_seeds else []) + prior + [r.instruction for r in accepted]
+    save_pool(folder / "near_dup_pool.npz", list(dict.fromkeys(pool)), cc.rouge_threshold)
     log.info("curate: %d accepted, %d rejected %s", len(accepted), len(rejected), reasons)
     return _read_json(final)
 
@@ -132,7 +148,8 @@ def train_stage(run: Run) -> dict[str, Any]:
     if cfg.train.method == "kd" and cfg.train.kd_source == "model" and cfg.train.kd_alpha < 1.0:
         # Default teacher: the GGUF the student was cut from, dequantized whole (no layers dropped).
         teacher_dir = resolve_student(cfg.train.kd_teacher or "embedded-cut", [], cfg.student.cut_from)
-    summary = train_lora(student_dir, accepted, cfg.train, run.dir, teacher_dir=teacher_dir)
+    summary = train_lora(student_dir, accepted, cfg.train, run.dir, teacher_dir=teacher_dir,
+                         chat_template=cfg.student.chat_template)
     manifest = run.path("datasets", "curated", "manifest.json")
     summary["dataset"] = _read_json(manifest).get("id") if manifest.exists() else None
     atomic_write_json(summary_path, summary)

@@ -1,0 +1,206 @@
+"""The model registry: champion and challenger over the SQLite catalog.
+
+Every trained student is registered as a model with its evaluation numbers. A new model becomes the champion
+only if it beats the current one on the configured metric by more than the 95% confidence interval and no
+guard metric regresses beyond its tolerance; otherwise it stays a challenger, and the reason is recorded.
+The champion's adapter is copied to `<runs_dir>/champion/` with a `champion.json` pointer beside it, a stable
+place serving code can load from without knowing run ids.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import RetrainConfig
+from pipeline.errors import DistillError
+from pipeline.records import Record, now_iso
+from pipeline.store import Catalog, Run, atomic_dir, atomic_write_json, load_records
+
+# Metrics where a smaller number is the better one; everything else counts higher as better.
+LOWER_IS_BETTER = {"latency_s", "perplexity", "loss", "params", "size_mb"}
+
+DECISIONS_SQL = """CREATE TABLE IF NOT EXISTS decisions (id TEXT PRIMARY KEY, model_id TEXT, champion_id TEXT,
+    promoted INTEGER, reason TEXT, metric TEXT, details TEXT, created TEXT)"""
+
+
+@dataclass
+class Decision:
+    """The outcome of comparing a challenger with the champion, with the numbers behind it."""
+
+    model_id: str
+    champion_id: str | None
+    promoted: bool
+    reason: str
+    metric: str
+    delta: float | None = None
+    margin: float | None = None
+    checks: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def model_metrics(evaluation: dict[str, Any], contender: str = "distilled_student") -> dict[str, Any]:
+    """A model's numbers from an evaluation summary: every numeric score, its CIs, and the eval set it used."""
+    scores = evaluation.get(contender, {})
+    metrics: dict[str, Any] = {k: v for k, v in scores.items()
+                               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics.update({k: list(v) for k, v in scores.items() if k.endswith("_ci") and isinstance(v, (list, tuple))})
+    metrics["eval_set"] = str(evaluation.get("eval_set"))
+    metrics["eval_items"] = evaluation.get("items")
+    return metrics
+
+
+def _half_width(metrics: dict[str, Any], name: str) -> float:
+    ci = metrics.get(f"{name}_ci")
+    return (ci[1] - ci[0]) / 2 if ci and None not in ci else 0.0
+
+
+def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, rule: RetrainConfig,
+           model_id: str = "challenger", champion_id: str | None = None) -> Decision:
+    """Apply the promotion rule to two metric dicts (as `model_metrics` returns them)."""
+    m = rule.metric
+    if champion is None:
+        return Decision(model_id, None, True, "no champion yet: the first model becomes the champion", m)
+    if challenger.get(m) is None:
+        return Decision(model_id, champion_id, False, f"the challenger has no {m!r} score", m)
+    if champion.get(m) is None:
+        return Decision(model_id, champion_id, True, f"the champion has no {m!r} score to defend", m)
+    same_set = (challenger.get("eval_set"), challenger.get("eval_items")) == (champion.get("eval_set"), champion.get("eval_items"))
+    if not same_set:
+        return Decision(model_id, champion_id, False,
+                        f"evaluated on a different eval set ({challenger.get('eval_set')}, {challenger.get('eval_items')} items) "
+                        f"than the champion ({champion.get('eval_set')}, {champion.get('eval_items')} items): not comparable", m)
+    delta = challenger[m] - champion[m]
+    # Both scores carry sampling noise; the larger of the two half-widths is the bar to clear.
+    margin = max(_half_width(challenger, m), _half_width(champion, m))
+    checks = []
+    for name, tolerance in rule.guards.items():
+        new, old = challenger.get(name), champion.get(name)
+        if new is None or old is None:
+            checks.append({"metric": name, "ok": True, "note": "not measured for both models, skipped"})
+            continue
+        worse = (new - old) if name in LOWER_IS_BETTER else (old - new)
+        allowed = tolerance * abs(old)
+        checks.append({"metric": name, "champion": old, "challenger": new, "allowed_regression": allowed,
+                       "regression": max(worse, 0.0), "ok": worse <= allowed})
+    if delta <= margin:
+        reason = (f"{m} {challenger[m]:.4f} vs champion {champion[m]:.4f}: difference {delta:+.4f} is not more than "
+                  f"the 95% CI half-width {margin:.4f}")
+        return Decision(model_id, champion_id, False, reason, m, delta, margin, checks)
+    failed = [c for c in checks if not c["ok"]]
+    if failed:
+        reason = "; ".join(f"{c['metric']} regressed from {c['champion']:.4g} to {c['challenger']:.4g} "
+                           f"(tolerance {c['allowed_regression']:.4g})" for c in failed)
+        return Decision(model_id, champion_id, False, f"beats the champion on {m} by {delta:+.4f} but {reason}",
+                        m, delta, margin, checks)
+    return Decision(model_id, champion_id, True,
+                    f"{m} {challenger[m]:.4f} beats champion {champion[m]:.4f} by {delta:+.4f} > CI half-width {margin:.4f}",
+                    m, delta, margin, checks)
+
+
+def register_model(run: Run, curation: dict[str, Any], evaluation: dict[str, Any], headline: dict[str, Any]) -> str:
+    """Record the run's distilled student in the catalog as a candidate; returns the model id."""
+    model_id = f"{run.id}/distilled"
+    run.catalog.upsert("models", id=model_id, run_id=run.id, path=str(run.path("adapter").resolve()), role="candidate",
+                       dataset_id=curation.get("id"), metrics={**headline, **model_metrics(evaluation)},
+                       created=run.status().get("updated") or now_iso())
+    return model_id
+
+
+def _metrics(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if row is None else json.loads(row.get("metrics") or "{}")
+
+
+def champion(catalog: Catalog) -> dict[str, Any] | None:
+    """The current champion's catalog row, or None."""
+    rows = catalog.rows("models", "WHERE role='champion' ORDER BY created DESC LIMIT 1")
+    return rows[0] if rows else None
+
+
+def decisions(catalog: Catalog) -> list[dict[str, Any]]:
+    """Every promotion decision, oldest first."""
+    with sqlite3.connect(catalog.path, timeout=60) as c:
+        c.execute(DECISIONS_SQL)
+        c.row_factory = sqlite3.Row
+        return [dict(r) for r in c.execute("SELECT * FROM decisions ORDER BY created, rowid")]
+
+
+def promote(catalog: Catalog, model_id: str, rule: RetrainConfig) -> Decision:
+    """Decide champion or challenger for a registered model, record the decision, export a new champion."""
+    conn = sqlite3.connect(catalog.path, timeout=60, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    try:
+        conn.execute(DECISIONS_SQL)
+        # One decision at a time: two retraining runs finishing together must not both become champion.
+        conn.execute("BEGIN IMMEDIATE")
+        row = conn.execute("SELECT * FROM models WHERE id=?", (model_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"model {model_id!r} is not in the catalog {catalog.path}; register it first")
+        current = conn.execute("SELECT * FROM models WHERE role='champion' AND id != ? ORDER BY created DESC LIMIT 1",
+                               (model_id,)).fetchone()
+        current = dict(current) if current else None
+        d = decide(_metrics(dict(row)), _metrics(current), rule, model_id, current["id"] if current else None)
+        if d.promoted:
+            conn.execute("UPDATE models SET role='retired' WHERE role='champion' AND id != ?", (model_id,))
+        conn.execute("UPDATE models SET role=? WHERE id=?", ("champion" if d.promoted else "challenger", model_id))
+        conn.execute("INSERT OR REPLACE INTO decisions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                     (f"{model_id}@{now_iso()}", model_id, d.champion_id, int(d.promoted), d.reason, d.metric,
+                      json.dumps(d.as_dict(), default=str), now_iso()))
+        if d.promoted:
+            export_champion(catalog.path.parent, dict(row))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    finally:
+        conn.close()
+    return d
+
+
+def export_champion(runs_dir: Path, model: dict[str, Any]) -> Path:
+    """Copy the champion's adapter to <runs_dir>/champion/adapter and write champion.json (the stable alias)."""
+    target = Path(runs_dir) / "champion"
+    run_dir = Path(model["path"]).parent
+    with atomic_dir(target) as tmp:
+        shutil.copytree(model["path"], tmp / "adapter")
+        if (run_dir / "config.yaml").exists():  # the student base the adapter belongs to
+            shutil.copy2(run_dir / "config.yaml", tmp / "config.yaml")
+        atomic_write_json(tmp / "champion.json", {"model_id": model["id"], "run_id": model["run_id"],
+                                                  "adapter": str((target / "adapter").resolve()),
+                                                  "source_adapter": model["path"], "dataset_id": model.get("dataset_id"),
+                                                  "metrics": _metrics(model), "promoted": now_iso()})
+    return target
+
+
+def merge_accepted(run: Run) -> dict[str, Any]:
+    """Retraining data: every accepted record of every curated dataset version so far -> datasets/curated."""
+    final = run.path("datasets", "curated", "manifest.json")
+    if final.exists():
+        return json.loads(final.read_text())
+    records: list[Record] = []
+    parents, missing, seen = [], [], set()
+    for row in run.catalog.rows("datasets", "ORDER BY created"):
+        if row["run_id"] == run.id or json.loads(row["manifest"] or "{}").get("kind") == "retrain-merge":
+            continue  # merged versions only repeat their parents
+        path = Path(row["path"]) / "accepted.parquet"
+        if not path.exists():
+            missing.append(row["id"])
+            continue
+        for r in load_records(path):
+            key = (r.instruction.strip().lower(), r.input.strip().lower())
+            if key not in seen:  # the same instruction from two runs is trained on once
+                seen.add(key)
+                records.append(r)
+        parents.append(row["id"])
+    if not records:
+        raise DistillError(f"No accepted records in any dataset of the catalog {run.catalog.path}: retraining needs "
+                           f"data. Run `distill run --data-only` (or the distill/data deployment) first.")
+    run.save_dataset("curated", records, [], {"kind": "retrain-merge", "parents": parents, "missing_parents": missing})
+    return json.loads(final.read_text())
