@@ -28,8 +28,10 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/distill run --profile cpu-demo
 
+# The default suite first (the fast tests, a few minutes), then the slow ones (real servers, kills, real models).
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
 
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"

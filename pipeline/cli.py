@@ -79,7 +79,8 @@ def cmd_dedupe(args: argparse.Namespace) -> int:
     from pipeline.curate.standalone import dedupe_file
 
     stats = dedupe_file(Path(args.input), Path(args.output), field=args.field, threshold=args.threshold,
-                        seeds=Path(args.seeds) if args.seeds else None, seed_field=args.seed_field)
+                        seeds=Path(args.seeds) if args.seeds else None, seed_field=args.seed_field,
+                        on_bad=args.on_bad)
     print(json.dumps(stats, indent=2))
     return 0
 
@@ -108,6 +109,22 @@ def cmd_models(args: argparse.Namespace) -> int:
     pointer = Path(args.runs_dir) / "champion" / "champion.json"
     if pointer.exists():
         print(f"champion: {json.loads(pointer.read_text())['model_id']} -> {pointer.parent / 'adapter'}")
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from pipeline.store import Run, load_records
+    from pipeline.train.ablation import cut_depth, kd_grid
+
+    run = Run.open(Path(args.runs_dir) / args.run_id)
+    records = load_records(run.path("datasets", "curated", "accepted.parquet"))
+    out = run.path("ablation")
+    grid = kd_grid(run.cfg, records, out, temperatures=[float(t) for t in args.temperatures.split(",")],
+                   alphas=[float(a) for a in args.alphas.split(",")])
+    if args.cuts:
+        cut_depth(run.cfg, records, out, [c.strip() for c in args.cuts.split(";") if c.strip()])
+    print(json.dumps(grid, indent=2, default=str))
+    print(f"ablation written to {out}")
     return 0
 
 
@@ -144,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threshold", type=float, default=0.7)
     d.add_argument("--seeds", help="file of instructions counted as already kept")
     d.add_argument("--seed-field", default="instruction")
+    d.add_argument("--on-bad", choices=["error", "reject"], default="error",
+                   help="malformed record: stop before writing (error) or drop it with a reason (reject)")
     d.set_defaults(func=cmd_dedupe)
 
     b = sub.add_parser("browse", help="read-only web pages for every run, dataset version and record")
@@ -159,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--n-threads", type=int, default=None, help="default: one per core")
     t.add_argument("--n-ctx", type=int, default=2048)
     t.set_defaults(func=cmd_teacher_server)
+
+    a = sub.add_parser("ablate", help="logit-distillation ablation over T x alpha (and layer cuts) on a run's data")
+    a.add_argument("--run-id", required=True)
+    a.add_argument("--runs-dir", default="runs")
+    a.add_argument("--temperatures", default="1,2,3,5,10,20")
+    a.add_argument("--alphas", default="0,0.2,0.5,0.8,1")
+    a.add_argument("--cuts", help="layer cuts separated by ';', e.g. '12-17;middle:8;every:2'")
+    a.set_defaults(func=cmd_ablate)
 
     from pipeline.evaluate.cli import add_evaluate_parser
 

@@ -61,6 +61,7 @@ class GenerateConfig(Strict):
     max_tokens: int = Field(256, ge=16, description="Max new tokens per instruction-generation prompt.")
     response_temperature: float = Field(0.0, ge=0, le=2, description="Temperature for the teacher's answers (0 = greedy).")
     response_max_tokens: int = Field(256, ge=16, description="Max new tokens per answer.")
+    response_logprobs: int = Field(0, ge=0, le=20, description="Store the teacher's top-k logprobs per answer token (for train.kd_source=logprobs); 0 = off.")
     random_seed: int = Field(42, description="Seeds the choice of examples per prompt; recorded with every record.")
     instances: Literal["paper", "answer", "paper-or-answer"] = Field(
         "paper-or-answer", description="self-instruct outputs. paper: identify classification tasks, then make instances "

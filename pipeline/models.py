@@ -57,7 +57,7 @@ def _check_gguf(path: Path) -> None:
                                  f"another format. Re-download it or point teacher.model elsewhere.")
 
 
-def resolve_student(source: str, drop_layers: list[int], cut_from: str) -> Path:
+def resolve_student(source: str, drop_layers: list[int] | str, cut_from: str) -> Path:
     """The student's HF checkpoint dir: cut from the packaged teacher, or a local dir (hub ids pass through)."""
     if source == "embedded-cut":
         return cut_student_from_gguf(resolve_gguf(cut_from), drop_layers)
@@ -71,8 +71,50 @@ def resolve_student(source: str, drop_layers: list[int], cut_from: str) -> Path:
     return Path(source)  # a hub id: transformers resolves it
 
 
-def cut_student_from_gguf(gguf: Path, drop_layers: list[int]) -> Path:
-    """Load the GGUF into transformers, remove `drop_layers`, save a plain HF checkpoint (cached)."""
+def parse_layer_spec(spec: list[int] | str, n_layers: int) -> list[int]:
+    """Layers to drop from a spec: a list, 'a-b' (inclusive block), 'middle:N' (N centre layers), 'every:K' (keep 0, K, 2K...)."""
+    if not isinstance(spec, str):
+        return sorted(set(spec))
+    text = spec.strip().replace(" ", "")
+    try:
+        if text.startswith("middle:"):
+            count = int(text.split(":", 1)[1])
+            start = max(0, (n_layers - count) // 2)
+            return list(range(start, min(n_layers, start + count)))
+        if text.startswith("every:"):
+            k = int(text.split(":", 1)[1])
+            if k < 1:
+                raise ValueError
+            return [i for i in range(n_layers) if i % k]
+        if "-" in text:
+            a, b = (int(x) for x in text.split("-", 1))
+            if a > b or a < 0:
+                raise ValueError
+            return list(range(a, b + 1))
+        return sorted({int(x) for x in text.strip("[]").split(",") if x})
+    except ValueError:
+        raise ValueError(f"student.drop_layers {spec!r} is not a layer spec; use a list like [12, 13], a block "
+                         f"'12-17', 'middle:6' (the 6 centre layers) or 'every:2' (keep every 2nd layer).") from None
+
+
+def gguf_block_count(gguf: Path) -> int | None:
+    """The number of decoder layers recorded in a GGUF header (None when it cannot be read)."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(gguf))
+        arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+        return int(reader.fields[f"{arch}.block_count"].parts[-1][0])
+    except Exception:  # noqa: BLE001 - an unreadable header only costs a cache key; loading reports real errors
+        return None
+
+
+def cut_student_from_gguf(gguf: Path, drop_layers: list[int] | str) -> Path:
+    """Load the GGUF into transformers, remove `drop_layers` (a list or a spec), save a plain HF checkpoint (cached)."""
+    if isinstance(drop_layers, str):
+        n = gguf_block_count(gguf)
+        if n is not None:  # resolve the spec to the list so equal cuts share one cache entry
+            drop_layers = parse_layer_spec(drop_layers, n)
     digest = hashlib.sha256(f"{gguf.name}:{gguf.stat().st_size}:{drop_layers}".encode()).hexdigest()[:12]
     out = cache_dir() / "students" / f"{gguf.stem}-cut-{digest}"
     if (out / "config.json").exists():
@@ -98,12 +140,16 @@ def cut_student_from_gguf(gguf: Path, drop_layers: list[int]) -> Path:
     return out
 
 
-def remove_layers(model, drop_layers: list[int]) -> None:
+def remove_layers(model, drop_layers: list[int] | str) -> None:
     """Drop decoder layers in place and renumber the rest so caching and config stay consistent."""
     import torch
 
     layers = model.model.layers
     n = len(layers)
+    try:
+        drop_layers = parse_layer_spec(drop_layers, n)
+    except ValueError as e:
+        raise ModelNotFoundError(str(e)) from None
     bad = [i for i in drop_layers if i >= n]
     if bad:
         raise ModelNotFoundError(f"student.drop_layers has {bad} but the model has only {n} layers (0..{n - 1}).")

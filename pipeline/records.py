@@ -40,6 +40,8 @@ class Record(BaseModel):
     gen_params: str = ""  # JSON of decoding params for instruction and answer calls
     finish_reason: str = ""
     raw_reply: str = ""
+    # per answer token: {"token", "logprob", "top": {token: logprob}}; for train.kd_source=logprobs and the browser
+    teacher_logprobs: list[dict] | None = None
     created_at: str = Field(default_factory=now_iso)
 
     def model_post_init(self, __context) -> None:

@@ -11,13 +11,13 @@ from typing import Any
 
 from pipeline.config import RunConfig
 from pipeline.curate import curate, reject_counts
-from pipeline.evaluate import load_eval_set, score_contender
+from pipeline.evaluate import load_eval_set
 from pipeline.evaluate.contenders import student_answers, teacher_answers
-from pipeline.generate import answer_instructions, bootstrap_instructions, load_seed_tasks
+from pipeline.generate import load_seed_tasks
 from pipeline.models import resolve_gguf, resolve_student
 from pipeline.records import Record
 from pipeline.report import headline, write_report
-from pipeline.store import Run, atomic_write_json, atomic_write_text, load_records, save_records
+from pipeline.store import Run, atomic_write_json, load_records, save_records
 from pipeline.teachers import Ledger, make_teacher
 
 log = logging.getLogger("distill")
@@ -188,12 +188,14 @@ def evaluate_stage(run: Run) -> dict[str, Any]:
         gguf = resolve_gguf(cfg.teacher.model)
         contenders["teacher"].update(params=gguf_params(gguf), disk_bytes=gguf.stat().st_size)
     student_dir = resolve_student(cfg.student.source, cfg.student.drop_layers, cfg.student.cut_from)
-    adapters = {"raw_student": None, "distilled_student": run.path("adapter")}
+    # (model dir, adapter dir): full fine-tuning saves a whole model instead of an adapter.
+    distilled = (run.path("model"), None) if cfg.train.finetune == "full" else (student_dir, run.path("adapter"))
+    students = {"raw_student": (student_dir, None), "distilled_student": distilled}
     if ev.gold_student:  # trained on as many gold Alpaca records as distillation accepted
         n = max(1, _read_json(run.path("datasets", "curated", "manifest.json")).get("accepted") or 0)
-        adapters["gold_student"] = train_gold_adapter(run.path("gold"), student_dir, gold_records(n), cfg.train)
-    for name, adapter in adapters.items():
-        contenders[name] = student_answers(student_dir, items, ev.max_new_tokens, ev.batch_size, adapter_dir=adapter,
+        students["gold_student"] = (student_dir, train_gold_adapter(run.path("gold"), student_dir, gold_records(n), cfg.train))
+    for name, (model_dir, adapter) in students.items():
+        contenders[name] = student_answers(model_dir, items, ev.max_new_tokens, ev.batch_size, adapter_dir=adapter,
                                            label=name.replace("_", " "), cache_dir=cache_dir, perplexity=ev.perplexity)
     judge = make_teacher(ev.judge, cache_dir / "teacher.sqlite", ledger) if ev.judge else None
     try:

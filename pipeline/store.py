@@ -80,6 +80,10 @@ def save_records(path: Path, records: list[Record]) -> Path:
     from datasets import Dataset
 
     rows = [r.model_dump() for r in records]
+    for row in rows:
+        # Per-token dicts with free-form keys would explode into a sparse Arrow struct: keep them as JSON text.
+        if row.get("teacher_logprobs") is not None:
+            row["teacher_logprobs"] = json.dumps(row["teacher_logprobs"])
     ds = Dataset.from_list(rows) if rows else Dataset.from_dict({c: [] for c in RECORD_COLUMNS})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +102,12 @@ def load_records(path: Path) -> list[Record]:
     from datasets import Dataset
 
     ds = Dataset.from_parquet(str(path))
-    return [Record.model_validate(row) for row in ds]
+    records = []
+    for row in ds:
+        if isinstance(row.get("teacher_logprobs"), str):
+            row["teacher_logprobs"] = json.loads(row["teacher_logprobs"])
+        records.append(Record.model_validate(row))
+    return records
 
 
 # --- catalog --------------------------------------------------------------------------------------------

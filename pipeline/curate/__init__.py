@@ -3,52 +3,86 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import Sequence
 
 from pipeline.config import CurateConfig
 from pipeline.curate.decontaminate import EvalOverlap
-from pipeline.curate.dedupe import NearDuplicateIndex
+from pipeline.curate.fastdedupe import dedupe_texts
 from pipeline.curate.filters import INSTRUCTION_FILTERS, OUTPUT_FILTERS, first_failure, normalise
 from pipeline.records import Record
 
 
-def curate(records: list[Record], cfg: CurateConfig, seed_instructions: list[str] = (),
-           eval_texts: list[str] = ()) -> tuple[list[Record], list[Record]]:
-    """Split records into (accepted, rejected) in input order; rejects carry reason and detail."""
-    accepted: list[Record] = []
-    rejected: list[Record] = []
-    seen_exact: dict[str, str] = {normalise(s): "seed" for s in seed_instructions} if cfg.dedupe_against_seeds else {}
-    pool_seeds = list(seed_instructions) if cfg.dedupe_against_seeds else []
-    index = NearDuplicateIndex(cfg.rouge_threshold, vocabulary_hint=pool_seeds + [r.instruction for r in records])
-    for s in pool_seeds:
-        index.add(s)
+def curate(records: list[Record], cfg: CurateConfig, seed_instructions: Sequence[str] = (),
+           eval_texts: Sequence[str] = (), prior_kept: Sequence[str] = ()) -> tuple[list[Record], list[Record]]:
+    """Split records into (accepted, rejected) in input order; rejects carry reason and detail.
+
+    Order of checks per record: Alpaca's and Self-Instruct's filters, exact duplicates (after normalising
+    case, whitespace and punctuation) of an earlier record that got this far or of a seed,
+    decontamination against the eval texts, then Alpaca's near-duplicate rule against the seeds,
+    `prior_kept` (instructions kept by earlier dataset versions) and every earlier kept record.
+    """
+    pool = (list(seed_instructions) if cfg.dedupe_against_seeds else []) + list(prior_kept)
+    seen_exact: dict[str, str] = {normalise(s): "an instruction kept earlier (seed or earlier version)" for s in pool}
     contamination = EvalOverlap(list(eval_texts), cfg.decontaminate_ngram, cfg.decontaminate_threshold) if eval_texts else None
 
-    for r in records:
+    verdicts: list[Record | None] = [None] * len(records)  # a reject, or None while still a candidate
+    candidates: list[int] = []
+    for k, r in enumerate(records):
         if r.status == "rejected":  # already rejected upstream (unparseable reply, failed call)
-            rejected.append(r)
+            verdicts[k] = r
             continue
         reason = first_failure(r, cfg, INSTRUCTION_FILTERS) or first_failure(r, cfg, OUTPUT_FILTERS)
         if reason:
-            rejected.append(r.reject(reason))
+            verdicts[k] = r.reject(reason)
             continue
         key = normalise(r.instruction + " " + r.input)
         if key in seen_exact:
-            rejected.append(r.reject("exact_duplicate", f"same as {seen_exact[key]}"))
+            verdicts[k] = r.reject("exact_duplicate", f"same as {seen_exact[key]}")
             continue
         if contamination is not None:
             ov = contamination.overlap(r.instruction + " " + r.input)
             if ov >= cfg.decontaminate_threshold:
-                rejected.append(r.reject("contaminated", f"{ov:.2f} of its {cfg.decontaminate_ngram}-grams are in the eval set"))
+                verdicts[k] = r.reject("contaminated", f"{ov:.2f} of its {cfg.decontaminate_ngram}-grams are in "
+                                                       f"an eval item: {contamination.nearest(r.instruction + ' ' + r.input)}")
                 continue
-        verdict = index.check_and_add(r.instruction)
-        if not verdict.kept:
-            nearest = index.texts[verdict.nearest]
-            rejected.append(r.reject("near_duplicate", f"ROUGE-L {verdict.score:.3f} to: {nearest}"))
-            continue
-        seen_exact[key] = r.id
-        accepted.append(r.accept())
+        seen_exact[key] = f"record {r.id}"
+        candidates.append(k)
+
+    texts = [records[k].instruction for k in candidates]
+    result = dedupe_texts(texts, pool, cfg.rouge_threshold)
+    everything = pool + texts
+    for j, k in enumerate(candidates):
+        at = len(pool) + j
+        if not result.kept[at]:
+            nearest = everything[int(result.nearest[at])]
+            verdicts[k] = records[k].reject("near_duplicate", f"ROUGE-L {result.score[at]:.3f} to: {nearest}")
+
+    accepted = [r.accept() for r, v in zip(records, verdicts) if v is None]
+    rejected = [v for v in verdicts if v is not None]
     return accepted, rejected
 
 
 def reject_counts(rejected: list[Record]) -> dict[str, int]:
+    """Rejects per reason, most common first."""
     return dict(Counter(r.reject_reason or "unknown" for r in rejected).most_common())
+
+
+def contamination_report(rejected: list[Record], eval_items: int, cfg: CurateConfig, limit: int = 50) -> dict:
+    """What decontamination dropped: counts, the rule, and the first `limit` records with their match."""
+    dropped = [r for r in rejected if r.reject_reason == "contaminated"]
+    return {"eval_items_checked": eval_items, "ngram": cfg.decontaminate_ngram,
+            "threshold": cfg.decontaminate_threshold, "dropped": len(dropped),
+            "examples": [{"id": r.id, "instruction": r.instruction, "input": r.input, "detail": r.reject_detail}
+                         for r in dropped[:limit]]}
+
+
+_STAGE_OF = {"exact_duplicate": "exact_duplicates", "contaminated": "decontamination", "near_duplicate": "near_duplicates"}
+
+
+def stage_counts(n_input: int, accepted: list[Record], rejected: list[Record]) -> dict[str, int]:
+    """Records in, dropped at each stage (upstream/filters, exact duplicates, decontamination, near
+    duplicates), and accepted."""
+    counts = Counter(_STAGE_OF.get(r.reject_reason or "", "filters_or_upstream") for r in rejected)
+    return {"input": n_input, **{k: counts.get(k, 0) for k in ("filters_or_upstream", "exact_duplicates",
+                                                               "decontamination", "near_duplicates")},
+            "accepted": len(accepted)}

@@ -150,6 +150,7 @@ def train_gold_adapter(out_dir: Path, student_dir: Path, records, train_cfg) -> 
 
     out_dir = Path(out_dir)
     if not (out_dir / "adapter" / "adapter_config.json").exists():
-        summary = train_lora(student_dir, records, train_cfg, out_dir)
+        # The gold baseline is plain SFT whatever the distillation method (it has no teacher logits).
+        summary = train_lora(student_dir, records, train_cfg.model_copy(update={"method": "sft", "finetune": "lora"}), out_dir)
         atomic_write_json(out_dir / "train.json", summary)
     return out_dir / "adapter"

@@ -116,7 +116,8 @@ def answer_instructions(teacher: CachedTeacher, records: list[Record], cfg: Gene
     """Ask the teacher to answer each pending instruction; failures become rejects with the error."""
     pending = [r for r in records if r.status == "pending" and not r.output]
     requests = [Request(kind="chat", messages=[{"role": "user", "content": render("response", instruction=r.instruction, input=r.input)}],
-                        max_tokens=cfg.response_max_tokens, temperature=cfg.response_temperature, stage="generate")
+                        max_tokens=cfg.response_max_tokens, temperature=cfg.response_temperature,
+                        logprobs=cfg.response_logprobs, stage="generate")
                 for r in pending]
     with Progress(len(requests), "generate: answers", key="generate-answers") as bar:
         replies = teacher.generate(requests, on_done=bar.update)
@@ -128,5 +129,6 @@ def answer_instructions(teacher: CachedTeacher, records: list[Record], cfg: Gene
             params = {**json.loads(r.gen_params or "{}"), "answer_template": "response",
                       "answer_template_hash": template_hash("response"), "answer_params": req.params()}
             answered[id(r)] = Record(**{**r.model_dump(exclude={"id"}), "output": reply.text.strip(),
-                                        "finish_reason": reply.finish_reason, "gen_params": json.dumps(params)})
+                                        "finish_reason": reply.finish_reason, "gen_params": json.dumps(params),
+                                        "teacher_logprobs": reply.logprobs})
     return [answered.get(id(r), r) for r in records]

@@ -1,17 +1,26 @@
-"""LoRA SFT through TRL's SFTTrainer, with the checks that catch silent failures before training starts."""
+"""Fine-tuning through TRL's SFTTrainer (LoRA or full; SFT or logit distillation), with the checks that catch
+silent failures before training starts: truncation counts, the loss mask on a rendered example, memory."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
-from dataclasses import dataclass
+import shutil
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import TrainConfig
 from pipeline.errors import DistillError
 from pipeline.records import Record
+from pipeline.train.checks import (PreflightReport, available_memory_gb, check_loss_mask, check_memory,
+                                   end_of_turn_token, estimate_memory_gb, require_mask_ok, trim_after_end_of_turn,
+                                   truncation_counts)
+
+# Kept importable from here: older callers and tests use these names.
+__all__ = ["train_lora", "build_trainer", "to_prompt_completion", "PreflightReport", "end_of_turn_token",
+           "check_loss_mask", "estimate_memory_gb", "plot_curves"]
 
 log = logging.getLogger(__name__)
 
@@ -21,87 +30,73 @@ def to_prompt_completion(records: list[Record]) -> list[dict[str, Any]]:
     from pipeline.generate.prompts import render
 
     return [{"prompt": [{"role": "user", "content": render("response", instruction=r.instruction, input=r.input)}],
-             "completion": [{"role": "assistant", "content": r.output}]} for r in records]
+             "completion": [{"role": "assistant", "content": r.output}], "record_index": i}
+            for i, r in enumerate(records)]
 
 
-@dataclass
-class PreflightReport:
-    examples: int
-    truncated: int
-    max_tokens: int
-    mean_tokens: float
-    end_of_turn: str
-    mask_ok: bool
-    est_memory_gb: float
+def load_tokenizer(student_dir: Path | str, chat_template: str | None = None):
+    """The student's tokenizer; a declared chat template replaces a missing one, never a silent fallback."""
+    from transformers import AutoTokenizer
 
-    def as_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
-
-
-def end_of_turn_token(tokenizer) -> str:
-    """The token that closes an assistant turn in the student's chat template."""
-    probe = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": "MARK"}],
-                                          tokenize=False)
-    tail = probe.split("MARK", 1)[1]
-    for tok in tokenizer.all_special_tokens:
-        if tok and tail.lstrip().startswith(tok):
-            return tok
-    return tokenizer.eos_token
+    tokenizer = AutoTokenizer.from_pretrained(str(student_dir))
+    if chat_template:
+        path = Path(chat_template).expanduser()
+        tokenizer.chat_template = path.read_text() if path.suffix in (".j2", ".jinja") and path.exists() else chat_template
+    if not tokenizer.chat_template:
+        raise DistillError(f"Student {student_dir} has no chat template, so the prompt format and the end-of-turn "
+                           f"token the student must learn are undefined. Declare one: add chat_template to its "
+                           f"tokenizer_config.json, or use a student that ships one (an -Instruct model).")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
-def check_loss_mask(tokenizer, input_ids: list[int], labels: list[int], completion: str, eot: str) -> bool:
-    """True when the trained tokens are exactly the response plus the end-of-turn token (and what follows it)."""
-    trained = [t for t, l in zip(input_ids, labels) if l != -100]
-    text = tokenizer.decode(trained)
-    first_trained = next(i for i, l in enumerate(labels) if l != -100) if trained else len(labels)
-    prompt_text = tokenizer.decode(input_ids[:first_trained])
-    return bool(trained) and completion.strip() in text and eot in text and completion.strip() not in prompt_text
+def _padding_free(cfg: TrainConfig, cuda: bool) -> bool:
+    if cfg.padding_free == "auto":
+        import importlib.util
+
+        # Without flash-attention, padding-free batches would attend across example boundaries.
+        return cuda and importlib.util.find_spec("flash_attn") is not None
+    return cfg.padding_free == "on"
 
 
-def estimate_memory_gb(n_params: int, trainable: int, batch: int, seq: int, hidden: int, layers: int,
-                       bytes_per_param: int) -> float:
-    """Rough peak: weights + trainable grads/Adam states + activations (about 34·h bytes per token per layer)."""
-    weights = n_params * bytes_per_param
-    optim = trainable * (4 + 4 + 4 + 4)
-    activations = batch * seq * hidden * layers * 34 * (bytes_per_param / 2)
-    return (weights + optim + activations) / 2**30
-
-
-def train_lora(student_dir: Path, records: list[Record], cfg: TrainConfig, out_dir: Path,
-               resume: bool = True) -> dict[str, Any]:
-    """Fine-tune a LoRA adapter on the accepted records; returns the training summary."""
+def build_trainer(student_dir: Path, records: list[Record], cfg: TrainConfig, out_dir: Path,
+                  teacher_dir: Path | str | None = None, chat_template: str | None = None):
+    """Everything up to trainer.train(): tokenizer, model, data, checks. Returns (trainer, preflight report)."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig
 
     if not records:
         raise DistillError("No accepted records to train on: every generated example was rejected. See the rejects "
                            "in the dataset folder; raise generate.target_instructions or loosen curate filters.")
-    out_dir = Path(out_dir)
     cuda = torch.cuda.is_available()
-    tokenizer = AutoTokenizer.from_pretrained(str(student_dir))
-    if not tokenizer.chat_template:
-        raise DistillError(f"Student {student_dir} has no chat template. Declare one (tokenizer.chat_template in its "
-                           f"tokenizer_config.json) so prompts and the end-of-turn token are defined, not guessed.")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(student_dir, chat_template)
     rows = to_prompt_completion(records)
     eot = end_of_turn_token(tokenizer)
-
-    lengths = [len(tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True, return_dict=False)) for r in rows]
-    truncated = sum(1 for n in lengths if n > cfg.max_length)
-    if truncated:
-        log.warning("%d of %d examples exceed train.max_length=%d tokens and will be truncated (longest %d).",
-                    truncated, len(rows), cfg.max_length, max(lengths))
+    counts = truncation_counts(tokenizer, rows, cfg.max_length)
 
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(student_dir), dtype=dtype)
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.target_modules, task_type="CAUSAL_LM")
+    # KD needs each example whole and padded (teacher forward, top-k lookup by token ids): no packing there.
+    padding_free = _padding_free(cfg, cuda) and cfg.method != "kd"
+    model = AutoModelForCausalLM.from_pretrained(
+        str(student_dir), dtype=dtype, attn_implementation="flash_attention_2" if padding_free else None)
+    teacher = None
+    if cfg.method == "kd" and cfg.kd_alpha < 1.0 and cfg.kd_source == "model":
+        from pipeline.train.kd import load_teacher
+
+        if teacher_dir is None:
+            raise DistillError("train.method=kd with kd_source=model needs a teacher checkpoint; set train.kd_teacher "
+                               "or student.cut_from to the teacher's GGUF.")
+        teacher = load_teacher(teacher_dir, tokenizer, model, dtype, "cuda" if cuda else "cpu")
+    lora = None if cfg.finetune == "full" else LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM")
+    steps_per_epoch = max(1, math.ceil(len(rows) / cfg.batch_size / cfg.grad_accum))
     args = SFTConfig(
-        output_dir=str(out_dir / "checkpoints"),
+        output_dir=str(Path(out_dir) / "checkpoints"),
         max_length=cfg.max_length,
         completion_only_loss=True,
         per_device_train_batch_size=cfg.batch_size,
@@ -113,52 +108,185 @@ def train_lora(student_dir: Path, records: list[Record], cfg: TrainConfig, out_d
         warmup_steps=0.05,
         logging_steps=1,
         save_strategy="steps",
-        save_steps=max(1, math.ceil(len(rows) / cfg.batch_size / cfg.grad_accum)),
+        save_steps=min(steps_per_epoch, cfg.max_steps) if cfg.max_steps > 0 else steps_per_epoch,
         save_total_limit=1,
         # Small students do not need it, and it slows CPU training (TRL turns it on by default).
         gradient_checkpointing=False,
         bf16=dtype == torch.bfloat16,
+        # TRL enforces max_length in padding-free mode only through packing (best-fit decreasing keeps examples whole).
+        padding_free=padding_free,
+        packing=padding_free,
+        packing_strategy="bfd",
         use_cpu=not cuda,
         seed=cfg.seed,
         report_to="none",
         disable_tqdm=False,
         dataset_num_proc=None,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         peft_config=lora)
+    common = dict(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                  peft_config=lora)
+    if cfg.method == "kd":
+        from pipeline.train.kd import KDTrainer
 
-    sample = trainer.train_dataset[0]
-    mask_ok = check_loss_mask(tokenizer, sample["input_ids"], sample["labels"], records[0].output, eot)
-    if not mask_ok:
-        raise DistillError(f"Loss mask check failed on the first example: the trained tokens are not the response plus "
-                           f"{eot!r}. The student's chat template renders prompt and completion inconsistently; fix "
-                           f"the template or the dataset format before training.")
+        trainer = KDTrainer(**common, kd_alpha=cfg.kd_alpha, kd_temperature=cfg.kd_temperature, teacher=teacher)
+    else:
+        from trl import SFTTrainer
+
+        trainer = SFTTrainer(**common)
+
+    # TRL trains the template's trailing newline after <|im_end|> too; the loss must end at the end-of-turn token.
+    eot_id = tokenizer.convert_tokens_to_ids(eot)
+    trainer.train_dataset = trainer.train_dataset.map(
+        lambda ex: {"labels": trim_after_end_of_turn(ex["labels"], eot_id)}, desc="Masking after end-of-turn")
+    mask_ok = _check_rendered_example(tokenizer, trainer.train_dataset, records, eot, cfg.max_length)
+    require_mask_ok(mask_ok, eot)
+    if cfg.method == "kd" and cfg.kd_alpha < 1.0 and cfg.kd_source == "logprobs":
+        trainer.topk_lookup, trainer.kd_coverage = _topk_lookup(tokenizer, trainer.train_dataset, records, cfg)
+
     n_params = sum(p.numel() for p in trainer.model.parameters())
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    cfgm = model.config
-    preflight = PreflightReport(examples=len(rows), truncated=truncated, max_tokens=max(lengths),
-                                mean_tokens=sum(lengths) / len(lengths), end_of_turn=eot, mask_ok=mask_ok,
-                                est_memory_gb=round(estimate_memory_gb(n_params, trainable, cfg.batch_size, cfg.max_length,
-                                                                       cfgm.hidden_size, cfgm.num_hidden_layers,
-                                                                       2 if dtype != torch.float32 else 4), 2))
+    mc = model.config
+    est = estimate_memory_gb(n_params, trainable, cfg.batch_size, cfg.max_length, mc.hidden_size,
+                             mc.num_hidden_layers, 2 if dtype != torch.float32 else 4, mc.vocab_size,
+                             sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0)
+    avail = available_memory_gb(cuda)
+    if cfg.check_memory:
+        check_memory(est, avail, cfg.batch_size, "GPU memory" if cuda else "RAM")
+    preflight = PreflightReport(examples=len(rows), truncated=counts["truncated"],
+                                truncated_responses_lost=counts["lost"], max_tokens=counts["max_tokens"],
+                                mean_tokens=round(counts["mean_tokens"], 1), end_of_turn=eot, mask_ok=mask_ok,
+                                est_memory_gb=round(est, 2), available_memory_gb=round(avail, 1))
     log.info("Preflight: %s", preflight.as_dict())
+    return trainer, preflight
 
-    checkpoints = sorted((out_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if resume and checkpoints else None)
-    adapter_dir = out_dir / "adapter"
-    trainer.model.save_pretrained(str(adapter_dir))
-    tokenizer.save_pretrained(str(adapter_dir))
-    history = [h for h in trainer.state.log_history if "loss" in h]
-    summary = {"student": str(student_dir), "adapter": str(adapter_dir), "examples": len(rows),
-               "steps": trainer.state.global_step, "train_loss": result.training_loss,
-               "first_loss": history[0]["loss"] if history else None, "last_loss": history[-1]["loss"] if history else None,
-               "params": n_params, "trainable_params": trainable, "device": "cuda" if cuda else "cpu",
-               "dtype": str(dtype).replace("torch.", ""), "preflight": preflight.as_dict(),
-               "runtime_s": result.metrics.get("train_runtime"),
-               "tokens_per_s": None}
-    (out_dir / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=2))
-    plot_curves(trainer.state.log_history, out_dir / "training_curves.png")
+
+def _check_rendered_example(tokenizer, dataset, records: list[Record], eot: str, max_length: int) -> bool:
+    """The loss-mask check on the first example that was not truncated (a truncated one has no end-of-turn)."""
+    for ex in dataset:
+        if len(ex["input_ids"]) >= max_length and "record_index" in ex:
+            continue
+        if "record_index" in ex:
+            return check_loss_mask(tokenizer, ex["input_ids"], ex["labels"], records[ex["record_index"]].output, eot)
+        # A packed row: its first labelled run must be one record's response plus the end-of-turn token.
+        first = next((i for i, lab in enumerate(ex["labels"]) if lab != -100), None)
+        if first is None:
+            return False
+        end = next((i for i in range(first, len(ex["labels"])) if ex["labels"][i] == -100), len(ex["labels"]))
+        text = tokenizer.decode(ex["input_ids"][first:end - 1]).strip()
+        match = next((r.output for r in records if r.output.strip() == text), None)
+        return match is not None and check_loss_mask(tokenizer, ex["input_ids"][:end], ex["labels"][:end], match, eot)
+    log.warning("Every example is longer than train.max_length=%d; the loss-mask check had nothing whole to check.",
+                max_length)
+    return True
+
+
+def _topk_lookup(tokenizer, dataset, records: list[Record], cfg: TrainConfig) -> tuple[dict[tuple, tuple], dict]:
+    """Token ids of each example -> (positions, teacher top-k ids, logprobs), from the records' stored logprobs."""
+    import torch
+
+    from pipeline.train.kd import align_topk, piece_index
+
+    stored = [getattr(r, "teacher_logprobs", None) for r in records]
+    if not any(stored):
+        raise DistillError("train.kd_source=logprobs but no record carries teacher top-k logprobs. Generate with "
+                           "logprobs captured, or use train.kd_source=model (an in-process teacher).")
+    index = piece_index(tokenizer)
+    k = max((len(e.get("top") or {}) for lp in stored if lp for e in lp), default=1)
+    lookup, unknown, seen, aligned, trained = {}, 0, 0, 0, 0
+    for ex in dataset:
+        pos, ids, lps, unk = align_topk(tokenizer, ex["input_ids"], ex["labels"], stored[ex["record_index"]], index, k)
+        unknown += unk
+        seen += sum(len(e.get("top") or {}) for e in (stored[ex["record_index"]] or [])[:len(pos) + 1])
+        aligned += len(pos)
+        trained += sum(1 for lab in ex["labels"] if lab != -100)
+        if pos:
+            lookup[tuple(ex["input_ids"])] = (torch.tensor(pos), torch.tensor(ids), torch.tensor(lps))
+    if seen and unknown > 0.05 * seen:
+        raise DistillError(f"Logit distillation needs teacher and student to share one vocabulary, and they differ: "
+                           f"{unknown} of {seen} stored teacher top-k tokens are not in the student's vocabulary. "
+                           f"Use train.method=sft, or a student from the teacher's family.")
+    log.info("KD from stored logprobs: teacher top-%d on %d of %d trained tokens (the rest train on CE only).",
+             k, aligned, trained)
+    return lookup, {"top_k": k, "tokens_with_teacher": aligned, "trained_tokens": trained}
+
+
+def _fingerprint(records: list[Record], cfg: TrainConfig, student_dir: Path) -> str:
+    blob = json.dumps([str(student_dir), cfg.model_dump(mode="json", exclude={"max_steps", "epochs", "merge", "check_memory"}),
+                       [r.id for r in records]], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def last_checkpoint(out_dir: Path, fingerprint: str) -> Path | None:
+    """The newest checkpoint of an interrupted run on the same data and config (others are set aside, not reused)."""
+    ckpt_dir = Path(out_dir) / "checkpoints"
+    marker = ckpt_dir / "fingerprint.txt"
+    checkpoints = sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    if checkpoints and marker.exists() and marker.read_text().strip() != fingerprint:
+        log.warning("Checkpoints in %s come from other data or settings; starting fresh.", ckpt_dir)
+        shutil.rmtree(ckpt_dir)
+        checkpoints = []
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(fingerprint)
+    return checkpoints[-1] if checkpoints else None
+
+
+def train_lora(student_dir: Path, records: list[Record], cfg: TrainConfig, out_dir: Path,
+               resume: bool = True, teacher_dir: Path | str | None = None,
+               chat_template: str | None = None) -> dict[str, Any]:
+    """Fine-tune the student on the accepted records (LoRA or full, SFT or KD); returns the training summary."""
+    out_dir = Path(out_dir)
+    trainer, preflight = build_trainer(student_dir, records, cfg, out_dir, teacher_dir, chat_template)
+    checkpoint = last_checkpoint(out_dir, _fingerprint(records, cfg, student_dir)) if resume else None
+    start_step = int(checkpoint.name.split("-")[1]) if checkpoint else 0
+    if checkpoint:
+        log.info("Resuming from %s", checkpoint)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    tokenizer = trainer.processing_class
+    outputs: dict[str, str] = {}
+    if cfg.finetune == "full":
+        outputs["model"] = str(out_dir / "model")
+        trainer.save_model(outputs["model"])
+        tokenizer.save_pretrained(outputs["model"])
+    else:
+        outputs["adapter"] = str(out_dir / "adapter")
+        trainer.model.save_pretrained(outputs["adapter"])
+        tokenizer.save_pretrained(outputs["adapter"])
+        if cfg.merge:
+            outputs["merged"] = str(out_dir / "merged")
+            merged = trainer.model.merge_and_unload()
+            merged.save_pretrained(outputs["merged"])
+            tokenizer.save_pretrained(outputs["merged"])
+    history = trainer.state.log_history
+    losses = [h for h in history if "loss" in h]
+    runtime = result.metrics.get("train_runtime")
+    summary = {"student": str(student_dir), **outputs, "examples": preflight.examples,
+               "method": cfg.method, "finetune": cfg.finetune, "steps": trainer.state.global_step,
+               "resumed_from_step": start_step, "train_loss": result.training_loss,
+               "first_loss": losses[0]["loss"] if losses else None, "last_loss": losses[-1]["loss"] if losses else None,
+               "params": sum(p.numel() for p in trainer.model.parameters()),
+               "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+               "device": str(trainer.args.device.type), "dtype": "bfloat16" if trainer.args.bf16 else "float32",
+               "preflight": preflight.as_dict(), "runtime_s": runtime,
+               "tokens_per_s": tokens_per_second(history, runtime, start_step),
+               "train_config": cfg.model_dump(mode="json")}
+    if cfg.method == "kd":
+        summary["kd"] = {"alpha": cfg.kd_alpha, "temperature": cfg.kd_temperature, "source": cfg.kd_source,
+                         "teacher": str(teacher_dir) if teacher_dir else None,
+                         "coverage": getattr(trainer, "kd_coverage", None),
+                         "rows_with_topk": trainer.topk_rows if trainer.topk_lookup is not None else None}
+    (out_dir / "train_log.json").write_text(json.dumps(history, indent=2))
+    plot_curves(history, out_dir / "training_curves.png")
     return summary
+
+
+def tokens_per_second(history: list[dict[str, Any]], runtime: float | None, start_step: int = 0) -> float | None:
+    """Tokens (prompt + response, padding excluded) processed per second in this call, from TRL's num_tokens log.
+
+    TRL's token counter starts at zero in each process, so after a resume the newest count covers this call only."""
+    counts = [h["num_tokens"] for h in history if "num_tokens" in h and h.get("step", 0) > start_step]
+    if not counts or not runtime:
+        return None
+    return round(counts[-1] / runtime, 1)
 
 
 def plot_curves(log_history: list[dict[str, Any]], path: Path) -> None:

@@ -6,7 +6,6 @@ import errno
 import os
 import subprocess
 import base64
-from pathlib import Path
 
 import pytest
 
