@@ -86,7 +86,7 @@ def generate_stage(run: Run) -> dict[str, Any]:
         return _read_json(summary_path)
     cfg = run.cfg
     ledger = _ledger(cfg)
-    teacher = make_teacher(cfg.teacher, teacher_cache_path(cfg), ledger)
+    teacher = make_teacher(cfg.teacher, teacher_cache_path(cfg), ledger, scale=cfg.scale)
     try:
         records, stats = generate_records(teacher, cfg.generate, cfg.curate, run.id)
     finally:
@@ -179,7 +179,7 @@ def evaluate_stage(run: Run) -> dict[str, Any]:
     items = load_eval_set(ev.eval_set, ev.limit)
     ledger = _ledger(cfg)
     cache_dir = teacher_cache_path(cfg).parent  # student answers are cached beside the teacher's replies
-    teacher = make_teacher(cfg.teacher, cache_dir / "teacher.sqlite", ledger)
+    teacher = make_teacher(cfg.teacher, cache_dir / "teacher.sqlite", ledger, scale=cfg.scale)
     try:
         contenders = {"teacher": teacher_answers(teacher, items, ev.max_new_tokens)}
     finally:

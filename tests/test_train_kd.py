@@ -106,12 +106,6 @@ def test_stored_topk_aligns_with_the_students_tokens(student):
     assert [row[0] for row in top_ids] == ids[start:start + 4] and top_lps[0] == [-0.1, -2.5]
 
 
-class RecordWithLogprobs(Record):
-    """A record as the generation stage stores it when it captures the teacher's top-k logprobs."""
-
-    teacher_logprobs: list | None = None
-
-
 def test_kd_training_from_stored_topk_logprobs(student, tmp_path):
     from transformers import AutoTokenizer
 
@@ -120,7 +114,7 @@ def test_kd_training_from_stored_topk_logprobs(student, tmp_path):
     for r in kd_records():
         pieces = [tok.decode([t]) for t in tok(r.output, add_special_tokens=False)["input_ids"]]
         stored = [{"token": p, "logprob": -0.2, "top": {p: -0.2, " and": -1.9, "!": -3.0}} for p in pieces]
-        recs.append(RecordWithLogprobs(**r.model_dump(), teacher_logprobs=stored))
+        recs.append(r.model_copy(update={"teacher_logprobs": stored}))
     cfg = TrainConfig(method="kd", kd_source="logprobs", kd_alpha=0.2, max_steps=1, batch_size=2, max_length=64)
     summary = train_lora(student, recs, cfg, tmp_path)
     cov = summary["kd"]["coverage"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from pipeline.config import TeacherConfig
+from pipeline.config import ScaleConfig, TeacherConfig
 from pipeline.errors import ConfigError
 from pipeline.teachers.base import CachedTeacher, Completion, Ledger, Request, ResponseCache, Teacher
 
@@ -46,10 +46,14 @@ def _vllm(cfg: TeacherConfig, cache: ResponseCache, ledger: Ledger) -> CachedTea
     return VLLMTeacher(cfg, cache, ledger)
 
 
-def make_teacher(cfg: TeacherConfig, cache_path: Path, ledger: Ledger | None = None) -> CachedTeacher:
+def make_teacher(cfg: TeacherConfig, cache_path: Path, ledger: Ledger | None = None,
+                 scale: ScaleConfig | None = None) -> CachedTeacher:
     """Build the configured backend over the shared response cache and a (new or given) ledger."""
     factory = _BACKENDS.get(cfg.backend)
     if factory is None:
         raise ConfigError(f"Unknown teacher.backend {cfg.backend!r}. Known backends: {', '.join(sorted(_BACKENDS))}.")
     ledger = ledger or Ledger(cfg.price_per_1m_input, cfg.price_per_1m_output, cfg.budget_usd, cfg.budget_tokens)
+    if scale is not None and scale.task_runner != "none":
+        from pipeline.scale import FanOutTeacher  # workers call make_teacher without scale: no recursion
+        return FanOutTeacher(cfg, cache_path, ledger, scale)
     return factory(cfg, ResponseCache(cache_path), ledger)
