@@ -131,11 +131,7 @@ class FanOutTeacher:
                 on_done(len(shard))
 
     def _over_budget(self) -> bool:
-        try:
-            self.ledger.check_budget()
-            return False
-        except BudgetExceeded:
-            return True
+        return self.ledger.over_budget()
 
     def close(self) -> None:
         """Shut the task runner down (a local Ray or Dask cluster this teacher started goes with it)."""

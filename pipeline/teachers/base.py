@@ -158,6 +158,14 @@ class Ledger:
             raise BudgetExceeded(f"Teacher budget of {self.budget_tokens} tokens reached; work done so far is kept. "
                                  f"Raise teacher.budget_tokens to continue.")
 
+    def over_budget(self) -> bool:
+        """True once the budget is spent (the non-raising form of `check_budget`)."""
+        try:
+            self.check_budget()
+            return False
+        except BudgetExceeded:
+            return True
+
     def as_dict(self) -> dict[str, Any]:
         out = {name: vars(t).copy() for name, t in self.stages.items()}
         out["total"] = vars(self.totals()).copy()
@@ -215,11 +223,7 @@ class CachedTeacher:
         raise NotImplementedError
 
     def _over_budget(self) -> bool:
-        try:
-            self.ledger.check_budget()
-            return False
-        except BudgetExceeded:
-            return True
+        return self.ledger.over_budget()
 
     def close(self) -> None:
         """Release model memory or connections."""
