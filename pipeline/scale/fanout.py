@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
 from pipeline.config import ScaleConfig, TeacherConfig
-from pipeline.errors import BudgetExceeded, ConfigError
+from pipeline.errors import ConfigError
 from pipeline.teachers.base import Completion, Ledger, Request, ResponseCache
 
 
