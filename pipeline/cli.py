@@ -85,6 +85,13 @@ def cmd_dedupe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.curate.export import export_version
+
+    print(export_version(Path(args.version), args.format, args.dest, token_env=args.token_env, private=not args.public))
+    return 0
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     from pipeline.store import Catalog
 
@@ -164,6 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--on-bad", choices=["error", "reject"], default="error",
                    help="malformed record: stop before writing (error) or drop it with a reason (reject)")
     d.set_defaults(func=cmd_dedupe)
+
+    e = sub.add_parser("export", help="export a dataset version: Alpaca JSONL, Parquet, or the Hugging Face Hub")
+    e.add_argument("version", help="a dataset version folder, e.g. runs/<run-id>/datasets/curated")
+    e.add_argument("--format", choices=["jsonl", "parquet", "hub"], default="jsonl")
+    e.add_argument("dest", help="output file, or the Hub repo id (user/name) for --format hub")
+    e.add_argument("--token-env", default="HF_TOKEN", help="environment variable with the Hub token")
+    e.add_argument("--public", action="store_true", help="make the Hub dataset public (default: private)")
+    e.set_defaults(func=cmd_export)
 
     b = sub.add_parser("browse", help="read-only web pages for every run, dataset version and record")
     b.add_argument("--runs-dir", default="runs")
