@@ -4,20 +4,25 @@
 #   scripts/serve.sh stop    # stops the worker and the server
 #   scripts/serve.sh status
 # State (database, logs, PIDs) lives in .prefect/ under the repository; `rm -rf .prefect` forgets everything.
-# Environment: DISTILL_PREFECT_PORT (default 4200), DISTILL_PROFILE (default cpu-demo), DISTILL_POOL (distill-pool).
+# Environment: DISTILL_PREFECT_PORT (default 4200), DISTILL_PROFILE (default cpu-demo), DISTILL_POOL (distill-pool),
+# DISTILL_PREFECT_HOME (default .prefect: the state folder).
+# After a server crash, `scripts/serve.sh start` again restarts just the server; runs in flight carry on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PORT=${DISTILL_PREFECT_PORT:-4200}
 PROFILE=${DISTILL_PROFILE:-cpu-demo}
 POOL=${DISTILL_POOL:-distill-pool}
-STATE=$ROOT/.prefect
+STATE=${DISTILL_PREFECT_HOME:-$ROOT/.prefect}
 BIN=${VENV:-$ROOT/.venv}/bin
 
 export PREFECT_HOME=$STATE
 export PREFECT_API_URL=http://127.0.0.1:$PORT/api
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 HF_HUB_OFFLINE=1
 export PREFECT_LOGGING_EXTRA_LOGGERS=distill
+# Concurrency-slot leases on disk (under PREFECT_HOME), not in server memory: a server restart would otherwise
+# forget the leases of running tasks, so their slots are never given back and their next renewal fails.
+export PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=prefect.server.concurrency.lease_storage.filesystem
 # The worker looks for new runs every few seconds (the default 10 s is a long wait for a demo).
 export PREFECT_WORKER_QUERY_SECONDS=${PREFECT_WORKER_QUERY_SECONDS:-3}
 export PATH=$BIN:$PATH
@@ -63,7 +68,7 @@ start() {
   fi
   cat <<EOF
 
-Prefect server: http://127.0.0.1:$PORT (UI), logs in .prefect/server.log and .prefect/worker.log.
+Prefect server: http://127.0.0.1:$PORT (UI), logs in $STATE/server.log and $STATE/worker.log.
 Run the pipeline through the deployment:
 
   export PREFECT_API_URL=$PREFECT_API_URL
