@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 import subprocess
 import base64
 
@@ -50,7 +51,7 @@ def test_cli_reports_full_disk_clearly(tiny_disk):
             f.write(os.urandom(4 * 2**20))
         except OSError:
             pass
-    out = subprocess.run(["python", "-m", "pipeline.cli", "run", "--set", f"runs_dir={tiny_disk / 'runs'}"],
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--set", f"runs_dir={tiny_disk / 'runs'}"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "No space left" in out.stderr and "resume" in out.stderr
