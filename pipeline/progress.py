@@ -5,6 +5,8 @@ This is the one place the library touches Prefect, and only when a flow run is a
 
 from __future__ import annotations
 
+import contextvars
+import threading
 import time
 
 from tqdm.auto import tqdm
@@ -27,6 +29,7 @@ class Progress:
         self.every_s = every_s
         self._last = 0.0
         self._artifact = None
+        self._pushing: threading.Thread | None = None
         if _in_prefect_run():
             try:
                 from prefect.artifacts import create_progress_artifact
@@ -47,15 +50,27 @@ class Progress:
         self.bar.refresh()
 
     def _push(self) -> None:
+        # In a thread: with the Prefect API down its client retries for about a minute, and the work must not wait.
+        if self._pushing is not None and self._pushing.is_alive():
+            return  # the previous push is still retrying; skip this one
+        progress = min(100.0, 100.0 * self.bar.n / self.total)
+        ctx = contextvars.copy_context()  # Prefect's settings and run context live in contextvars
+        self._pushing = threading.Thread(target=ctx.run, args=(self._send, progress), daemon=True)
+        self._pushing.start()
+
+    def _send(self, progress: float) -> None:
         try:
             from prefect.artifacts import update_progress_artifact
-            update_progress_artifact(self._artifact, progress=min(100.0, 100.0 * self.bar.n / self.total))
-        except Exception:
+            update_progress_artifact(self._artifact, progress=progress)
+        except Exception:  # progress reporting must never break the work it reports on
             pass
 
     def close(self) -> None:
         if self._artifact is not None:
+            if self._pushing is not None:
+                self._pushing.join(timeout=5)  # let the last push land, but never wait out a dead API
             self._push()
+            self._pushing.join(timeout=5)
         self.bar.close()
 
     def __enter__(self) -> "Progress":
