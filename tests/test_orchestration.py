@@ -53,7 +53,7 @@ def test_full_flow_records_artifacts_catalog_and_champion(harness, fast_config, 
     assert str(run.resolve()) in artifacts["distill-run-folder"].data
     scores = json.loads(artifacts["distill-scores"].data) if isinstance(artifacts["distill-scores"].data, str) \
         else artifacts["distill-scores"].data
-    assert {row["contender"] for row in scores} >= {"teacher", "raw_student", "distilled_student"}
+    assert {row["contender"] for row in scores} >= {"Teacher", "Raw student", "Distilled student"}
 
     # the first model of a fresh catalog becomes the champion and is exported to the stable alias
     catalog = Catalog(fast_config.runs_dir)
