@@ -4,10 +4,9 @@ Runs over the two sidecar indexes (ATTACHed read-only), so it never loads a vers
 from __future__ import annotations
 
 import sqlite3
-import time
 from typing import Any
 
-from pipeline.browse.index import DatasetIndex, QueryTooSlow
+from pipeline.browse.index import DatasetIndex, QueryTooSlow, run_with_budget
 
 KINDS = ("added", "removed", "changed")
 COUNT_BUDGET_S = 8.0
@@ -37,16 +36,7 @@ def _connect(a: DatasetIndex, b: DatasetIndex) -> sqlite3.Connection:
 
 
 def _budgeted(conn: sqlite3.Connection, sql: str, params: list[Any], budget_s: float) -> list[sqlite3.Row]:
-    deadline = time.perf_counter() + budget_s
-    conn.set_progress_handler(lambda: int(time.perf_counter() > deadline), 10_000)
-    try:
-        return conn.execute(sql, params).fetchall()
-    except sqlite3.OperationalError as e:
-        if "interrupted" in str(e):
-            raise QueryTooSlow("diff count took too long") from None
-        raise
-    finally:
-        conn.set_progress_handler(None, 0)
+    return run_with_budget(conn, sql, params, budget_s, "diff count took too long")
 
 
 def diff_counts(a: DatasetIndex, b: DatasetIndex) -> dict[str, int | None]:

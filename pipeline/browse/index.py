@@ -209,6 +209,21 @@ class Page:
     elapsed_ms: float
 
 
+def run_with_budget(conn: sqlite3.Connection, sql: str, params: list[Any], budget_s: float,
+                    too_slow: str) -> list[sqlite3.Row]:
+    """Run a query, interrupting it (QueryTooSlow with `too_slow`) once it has used `budget_s` seconds."""
+    deadline = time.perf_counter() + budget_s
+    conn.set_progress_handler(lambda: int(time.perf_counter() > deadline), 10_000)
+    try:
+        return conn.execute(sql, params).fetchall()
+    except sqlite3.OperationalError as e:
+        if "interrupted" in str(e):
+            raise QueryTooSlow(too_slow) from None
+        raise
+    finally:
+        conn.set_progress_handler(None, 0)
+
+
 class QueryTooSlow(Exception):
     """A filter combination that would scan too long; the message suggests narrowing it."""
 
@@ -310,17 +325,8 @@ class DatasetIndex:
 
     @staticmethod
     def _run(c: sqlite3.Connection, sql: str, params: list[Any], budget_s: float) -> list[sqlite3.Row]:
-        deadline = time.perf_counter() + budget_s
-        c.set_progress_handler(lambda: int(time.perf_counter() > deadline), 10_000)
-        try:
-            return c.execute(sql, params).fetchall()
-        except sqlite3.OperationalError as e:
-            if "interrupted" in str(e):
-                raise QueryTooSlow(f"this filter combination needs more than {budget_s:.0f} s; "
-                                   f"narrow it with a search word or a status filter") from None
-            raise
-        finally:
-            c.set_progress_handler(None, 0)
+        return run_with_budget(c, sql, params, budget_s, f"this filter combination needs more than {budget_s:.0f} s; "
+                                                         f"narrow it with a search word or a status filter")
 
     def _fetch(self, c: sqlite3.Connection, ids: list[int]) -> list[dict[str, Any]]:
         if not ids:

@@ -12,10 +12,9 @@ import openai
 from pydantic import SecretStr
 
 from pipeline.config import TeacherConfig
-from pipeline.errors import ConfigError
 from pipeline.teachers.base import CachedTeacher, Completion, Ledger, Request, ResponseCache, request_seed
 from pipeline.teachers.openai_compat import completion_from_json, endpoint, request_body
-from pipeline.teachers.secrets import redact, resolve_api_key
+from pipeline.teachers.secrets import redact, client_api_key
 
 DONE = {"completed", "failed", "expired", "cancelled"}
 
@@ -26,11 +25,8 @@ class OpenAIBatchTeacher(CachedTeacher):
     def __init__(self, cfg: TeacherConfig, cache: ResponseCache, ledger: Ledger):
         super().__init__(cfg.model, cache, ledger)
         self.cfg = cfg
-        key = resolve_api_key(cfg)
-        if not key and not cfg.base_url:
-            raise ConfigError(f"teacher.backend=openai-batch needs an API key in ${cfg.api_key_env} (or a Prefect "
-                              f"Secret block named in teacher.api_key_secret_block).")
-        self._api_key = SecretStr(key or "not-needed")
+        # Held as a SecretStr (a repr or log of this object shows '**********'), handed only to the HTTP client.
+        self._api_key = SecretStr(client_api_key(cfg))
 
     def _client(self) -> openai.OpenAI:
         return openai.OpenAI(api_key=self._api_key.get_secret_value(), base_url=self.cfg.base_url,

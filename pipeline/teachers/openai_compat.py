@@ -14,9 +14,8 @@ from pydantic import SecretStr
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from pipeline.config import TeacherConfig
-from pipeline.errors import ConfigError
 from pipeline.teachers.base import CachedTeacher, Completion, Ledger, Request, ResponseCache, request_seed
-from pipeline.teachers.secrets import redact, resolve_api_key
+from pipeline.teachers.secrets import redact, client_api_key
 
 
 class LoopThread:
@@ -49,14 +48,8 @@ class OpenAICompatTeacher(CachedTeacher):
     def __init__(self, cfg: TeacherConfig, cache: ResponseCache, ledger: Ledger):
         super().__init__(cfg.model, cache, ledger)
         self.cfg = cfg
-        key = resolve_api_key(cfg)
-        if not key and not cfg.base_url:
-            raise ConfigError(f"teacher.backend=openai with no base_url needs an API key in ${cfg.api_key_env} "
-                              f"(or a Prefect Secret block named in teacher.api_key_secret_block). Export it, or set "
-                              f"teacher.base_url to a local server (vLLM, llama.cpp, Ollama).")
-        # Local servers accept any key. The real key is held as a SecretStr (a repr or log of this object shows
-        # '**********') and handed only to the HTTP client.
-        self._api_key = SecretStr(key or "not-needed")
+        # Held as a SecretStr (a repr or log of this object shows '**********'), handed only to the HTTP client.
+        self._api_key = SecretStr(client_api_key(cfg))
         self.base_urls = [cfg.base_url] + list(cfg.extra_base_urls) if cfg.base_url else [None]
         self._loop: LoopThread | None = None
         self._clients: list[openai.AsyncOpenAI] = []

@@ -28,6 +28,16 @@ def resolve_api_key(cfg: TeacherConfig) -> str | None:
     return os.environ.get(cfg.api_key_env) or None
 
 
+def client_api_key(cfg: TeacherConfig) -> str:
+    """The key to hand the HTTP client; refuses to start when a remote API (no base_url) has none."""
+    key = resolve_api_key(cfg)
+    if not key and not cfg.base_url:
+        raise ConfigError(f"teacher.backend={cfg.backend} with no base_url needs an API key in ${cfg.api_key_env} "
+                          f"(or a Prefect Secret block named in teacher.api_key_secret_block). Export it, or set "
+                          f"teacher.base_url to a local server (vLLM, llama.cpp, Ollama).")
+    return key or "not-needed"  # local servers accept any key
+
+
 def redact(text: str, secret: str | None) -> str:
     """`text` with every occurrence of `secret` replaced by a marker."""
     if secret and len(secret) >= 4:
