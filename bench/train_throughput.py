@@ -81,6 +81,10 @@ def child(which: str, args) -> dict:
     result = (run_ours if which == "ours" else run_plain)(args)
     result["wall_s"] = round(time.perf_counter() - start, 1)
     result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # KiB on Linux
+    import torch
+
+    if torch.cuda.is_available():
+        result["peak_cuda_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return result
 
 
@@ -109,7 +113,8 @@ def main() -> None:
     print(json.dumps({
         "student": "embedded-cut smollm2-135m-instruct minus layers 12-17", "records": args.records,
         "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
-        "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "threads": torch.get_num_threads(),
         "plain_precision": "fp32" if args.plain_fp32 else "TRL default (bf16 autocast)",
         "ours": results["ours"], "plain_trl": results["plain"],
         "ratio_tokens_per_s": round(results["ours"]["tokens_per_s"] / results["plain"]["tokens_per_s"], 2),

@@ -60,7 +60,7 @@ def print_summary(result: dict, elapsed: float) -> None:
     print(f"distill finished in {elapsed / 60:.1f} min. Run folder: {result['run_dir']}")
     print(f"  data: {result.get('accepted')} accepted, {result.get('rejected')} rejected")
     for key, label in (("teacher", "teacher"), ("raw_student", "raw student"), ("distilled_student", "distilled student")):
-        if key in result:
+        if isinstance(result.get(key), (int, float)):  # a data-only run names the teacher here instead
             print(f"  ROUGE-L {label:<18} {result[key]:.3f}")
     for key, label in (("raw_student", "raw student"), ("distilled_student", "distilled student")):
         if f"{key}_win_rate" in result:
@@ -120,17 +120,38 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from pipeline.store import Run, load_records
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+    from pipeline.store import load_records
     from pipeline.train.ablation import cut_depth, kd_grid
 
-    run = Run.open(Path(args.runs_dir) / args.run_id)
-    records = load_records(run.path("datasets", "curated", "accepted.parquet"))
-    out = run.path("ablation")
-    grid = kd_grid(run.cfg, records, out, temperatures=[float(t) for t in args.temperatures.split(",")],
-                   alphas=[float(a) for a in args.alphas.split(",")])
+    if bool(args.run_id) == bool(args.data):
+        raise ConfigError("distill ablate needs exactly one data source: --run-id ID (that run's accepted data and "
+                          "config) or --data FILE (an accepted.parquet written by curate) with --profile.")
+    if args.run_id:
+        run_dir = Path(args.runs_dir) / args.run_id
+        if not (run_dir / "config.yaml").exists():
+            raise ConfigError(f"No run folder {run_dir} (or it has no config.yaml). List runs with `distill runs`.")
+        cfg = load_config(config_file=run_dir / "config.yaml", overrides=args.set)
+        data, out = run_dir / "datasets" / "curated" / "accepted.parquet", Path(args.out or run_dir / "ablation")
+    else:
+        cfg = load_config(profile=args.profile, overrides=args.set)
+        data, out = Path(args.data), Path(args.out or "ablation")
+    if not data.exists():
+        raise ConfigError(f"No accepted data at {data}: run generate and curate first (`distill run --data-only`).")
+    records = load_records(data)
+    if cfg.train.mix_gold:
+        from pipeline.stages import gold_records
+
+        records += gold_records(cfg.train.mix_gold)
+    result: dict = {"records": len(records), "data": str(data)}
+    if args.grid:
+        result["grid"] = kd_grid(cfg, records, out, temperatures=[float(t) for t in args.temperatures.split(",")],
+                                 alphas=[float(a) for a in args.alphas.split(",")])
     if args.cuts:
-        cut_depth(run.cfg, records, out, [c.strip() for c in args.cuts.split(";") if c.strip()])
-    print(json.dumps(grid, indent=2, default=str))
+        result["cut_depth"] = cut_depth(cfg, records, out, [c.strip() for c in args.cuts.split(";") if c.strip()],
+                                        alpha=args.cut_alpha, temperature=args.cut_temperature)
+    print(json.dumps(result, indent=2, default=str))
     print(f"ablation written to {out}")
     return 0
 
@@ -194,12 +215,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--n-ctx", type=int, default=2048)
     t.set_defaults(func=cmd_teacher_server)
 
-    a = sub.add_parser("ablate", help="logit-distillation ablation over T x alpha (and layer cuts) on a run's data")
-    a.add_argument("--run-id", required=True)
+    a = sub.add_parser("ablate", help="logit-distillation ablation over T x alpha, and KD vs SFT over layer cuts")
+    a.add_argument("--run-id", help="use this run's accepted data and saved config")
     a.add_argument("--runs-dir", default="runs")
+    a.add_argument("--data", help="an accepted.parquet to train on instead of a run's (config from --profile)")
+    a.add_argument("--profile", default=None, help="profile for --data (default: cpu-demo)")
+    a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set evaluate.limit=100 (repeatable)")
+    a.add_argument("--out", help="output folder (default: the run's ablation/, or ./ablation)")
+    a.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True, help="train the T x alpha grid")
     a.add_argument("--temperatures", default="1,2,3,5,10,20")
     a.add_argument("--alphas", default="0,0.2,0.5,0.8,1")
-    a.add_argument("--cuts", help="layer cuts separated by ';', e.g. '12-17;middle:8;every:2'")
+    a.add_argument("--cuts", help="layer cuts separated by ';', e.g. '12-17;middle:10;every:2'")
+    a.add_argument("--cut-alpha", type=float, default=0.5, help="KD alpha for the layer-cut table")
+    a.add_argument("--cut-temperature", type=float, default=2.0, help="KD temperature for the layer-cut table")
     a.set_defaults(func=cmd_ablate)
 
     from pipeline.evaluate.cli import add_evaluate_parser

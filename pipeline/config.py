@@ -146,7 +146,7 @@ class TrainConfig(Strict):
     kd_source: Literal["model", "logprobs"] = Field("model", description="Teacher distributions for kd: model (an in-process HF teacher, full vocabulary) or logprobs (top-k stored with the records).")
     kd_teacher: str | None = Field(None, description="For kd_source=model: an HF checkpoint dir or hub id; default: the GGUF named by student.cut_from, dequantized.")
     merge: bool = Field(False, description="Also save the student with the LoRA adapter merged in (merged/), ready to serve.")
-    padding_free: Literal["auto", "on", "off"] = Field("auto", description="Padding-free batching: auto = on for CUDA with flash-attention installed, off on CPU.")
+    padding_free: Literal["auto", "on", "off"] = Field("auto", description="Padding-free batching (examples packed whole into rows, no padding): auto = on for CUDA, off on CPU; on/off force it. Uses flash-attention when installed, else a block-diagonal sdpa mask.")
     check_memory: bool = Field(True, description="Warn before training when the memory estimate exceeds what is free (RAM on CPU, GPU memory on CUDA).")
 
 

@@ -32,7 +32,7 @@ def records(n: int = 4) -> list[Record]:
 
 def test_loss_mask_is_exactly_response_plus_end_of_turn(student, tmp_path):
     recs = records(2)
-    trainer, report = build_trainer(student, recs, TrainConfig(max_length=128, max_steps=1), tmp_path)
+    trainer, report = build_trainer(student, recs, TrainConfig(max_length=128, max_steps=1, padding_free="off"), tmp_path)
     tok = trainer.processing_class
     row = to_prompt_completion(recs)[0]
     prompt_ids = tok.apply_chat_template(row["prompt"], tokenize=True, add_generation_prompt=True, return_dict=False)
@@ -54,7 +54,7 @@ def test_preflight_counts_truncated_examples(student, tmp_path):
     long_answer = Record(instruction="Describe the sea.", output="The sea is wide and deep. " * 60, status="accepted")
     long_prompt = Record(instruction="Summarise this text.", input="word " * 200, output="Short.", status="accepted")
     recs = records(2) + [long_answer, long_prompt]
-    trainer, report = build_trainer(student, recs, TrainConfig(max_length=64, max_steps=1), tmp_path)
+    trainer, report = build_trainer(student, recs, TrainConfig(max_length=64, max_steps=1, padding_free="off"), tmp_path)
     assert (report.examples, report.truncated, report.truncated_responses_lost) == (4, 2, 1)
     assert report.max_tokens > 200
     # TRL truncates to max_length and drops the example whose response was cut away entirely.
@@ -101,3 +101,48 @@ def test_full_finetune_changes_every_layer(student, tmp_path):
     before, after = load_file(str(student / "model.safetensors")), load_file(str(tmp_path / "model" / "model.safetensors"))
     changed = [k for k in after if k in before and not torch.equal(before[k], after[k])]
     assert any("layers.3." in k for k in changed) and any("layers.0." in k for k in changed)
+
+
+def _batch_loss(trainer) -> float:
+    """Mean response-token loss of the untrained student over every training row, in one collated batch."""
+    rows = [{k: ex[k] for k in ex if k in ("input_ids", "completion_mask", "seq_lengths", "labels")}
+            for ex in trainer.train_dataset]
+    batch = trainer.data_collator(rows)
+    model = trainer.model.float().eval()  # fp32 on every device: bf16 rounding would hide a small leak
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        inputs = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v) and k != "completion_mask"}
+        return model(**inputs).loss.item()
+
+
+def test_padding_free_batches_score_like_padded_ones(student, tmp_path):
+    # Packed rows have no attention mask: only position_ids that restart per example. If the model attended across
+    # example boundaries, the packed loss would differ from the padded one.
+    recs = records(4)
+    packed, _ = build_trainer(student, recs, TrainConfig(max_length=256, max_steps=1, padding_free="on"), tmp_path / "a")
+    padded, _ = build_trainer(student, recs, TrainConfig(max_length=256, max_steps=1, padding_free="off"), tmp_path / "b")
+    assert packed.args.padding_free and packed.args.packing and len(packed.train_dataset) < len(recs)
+    assert not padded.args.padding_free and len(padded.train_dataset) == len(recs)
+    assert sorted(_labelled_runs(packed)) == sorted(_labelled_runs(padded))  # same trained tokens, example by example
+    assert _batch_loss(packed) == pytest.approx(_batch_loss(padded), rel=1e-4)
+
+
+def _labelled_runs(trainer) -> list[tuple[int, ...]]:
+    runs = []
+    for ex in trainer.train_dataset:
+        run = []
+        for label in ex["labels"] + [-100]:
+            if label != -100:
+                run.append(label)
+            elif run:
+                runs.append(tuple(run))
+                run = []
+    return runs
+
+
+def test_packed_preflight_skips_a_truncated_example(student, tmp_path):
+    # Packing truncates an over-long example and puts it in a row of its own; the mask check must look past it.
+    long_answer = Record(instruction="Describe the sea.", output="The sea is wide and deep. " * 60, status="accepted")
+    trainer, report = build_trainer(student, [long_answer] + records(2),
+                                    TrainConfig(max_length=64, max_steps=1, padding_free="on"), tmp_path)
+    assert report.mask_ok and report.truncated == 1 and trainer.args.packing

@@ -138,3 +138,23 @@ def test_ablation_grid_writes_table_and_plot(student, tmp_path):
     assert (tmp_path / "ablation.png").exists() and "| 4 |" in (tmp_path / "ablation.md").read_text()
     assert sorted(p.name for p in (tmp_path / "cells").glob("*.json")) == ["kd-T1-a0.5.json", "kd-T4-a0.5.json",
                                                                           "raw.json", "sft.json"]
+
+
+@pytest.mark.slow
+def test_cut_depth_table_compares_raw_sft_and_kd_per_cut(student, tmp_path):
+    from pipeline.config import load_config
+    from pipeline.train.ablation import cut_depth
+
+    cfg = load_config(overrides=["train.max_steps=1", "train.batch_size=2", "train.max_length=64", "evaluate.limit=2",
+                                 "evaluate.max_new_tokens=8", "evaluate.bootstrap_samples=100",
+                                 f"train.kd_teacher={student}"])
+    cuts = ["2-29", "every:10"]  # 2 and 3 layers left: small enough to train on a CPU in seconds
+    rows = cut_depth(cfg, kd_records(), tmp_path, cuts, alpha=0.5, temperature=2.0)
+    assert [r["cut"] for r in rows] == cuts
+    for r in rows:
+        assert all(0 <= r[k] <= 1 and r[f"{k}_ci"][0] <= r[k] <= r[f"{k}_ci"][1] for k in ("raw", "sft", "kd"))
+    table = (tmp_path / "cut_depth.md").read_text()
+    assert "| every:10 |" in table and "KD (alpha 0.5, T 2)" in table
+    assert json.loads((tmp_path / "cut_depth.json").read_text())[0]["cut"] == "2-29"
+    # A rerun reuses the saved cells (a killed ablation resumes) and gives the same table.
+    assert cut_depth(cfg, kd_records(), tmp_path, cuts, alpha=0.5, temperature=2.0) == rows

@@ -94,14 +94,23 @@ def cut_depth(cfg: RunConfig, records: list[Record], out_dir: Path, cuts: list[s
     for cut in cuts:
         student_dir = resolve_student("embedded-cut", cut, cfg.student.cut_from)
         tag = str(cut).replace(" ", "").replace(":", "").replace(",", "_").strip("[]")
-        row = {"cut": cut, "raw": _cell(out_dir, f"cut-{tag}-raw", lambda _: _score(student_dir, None, cfg))["rouge_l"]}
+        raw = _cell(out_dir, f"cut-{tag}-raw", lambda _: _score(student_dir, None, cfg))
+        row = {"cut": cut, "raw": raw["rouge_l"], "raw_ci": raw.get("rouge_l_ci")}
         for method in ("sft", "kd"):
             a = 1.0 if method == "sft" else alpha
-            row[method] = _cell(out_dir, f"cut-{tag}-{method}", _train_and_score(student_dir, records, cfg, teacher_dir,
-                                                                                method, a, temperature))["rouge_l"]
+            cell = _cell(out_dir, f"cut-{tag}-{method}", _train_and_score(student_dir, records, cfg, teacher_dir,
+                                                                         method, a, temperature))
+            row[method], row[f"{method}_ci"] = cell["rouge_l"], cell.get("rouge_l_ci")
         rows.append(row)
-    lines = ["| layers dropped | raw student | SFT | KD (alpha %g, T %g) |" % (alpha, temperature), "| --- | --- | --- | --- |"]
-    lines += [f"| {r['cut']} | {r['raw']:.4f} | {r['sft']:.4f} | {r['kd']:.4f} |" for r in rows]
+
+    def shown(r: dict, key: str) -> str:
+        ci = r.get(f"{key}_ci")
+        return f"{r[key]:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+    lines = [f"ROUGE-L [95% bootstrap CI] of students cut from the teacher, on {len(records)} training records.", "",
+             "| layers dropped | raw student | SFT | KD (alpha %g, T %g) |" % (alpha, temperature),
+             "| --- | --- | --- | --- |"]
+    lines += [f"| {r['cut']} | {shown(r, 'raw')} | {shown(r, 'sft')} | {shown(r, 'kd')} |" for r in rows]
     atomic_write_text(out_dir / "cut_depth.md", "\n".join(lines) + "\n")
     atomic_write_json(out_dir / "cut_depth.json", rows)
     return rows

@@ -52,12 +52,21 @@ def load_tokenizer(student_dir: Path | str, chat_template: str | None = None):
 
 
 def _padding_free(cfg: TrainConfig, cuda: bool) -> bool:
-    if cfg.padding_free == "auto":
-        import importlib.util
+    """Padding-free (packed) batches: on for CUDA by default, off on CPU unless asked for.
 
-        # Without flash-attention, padding-free batches would attend across example boundaries.
-        return cuda and importlib.util.find_spec("flash_attn") is not None
+    Packed rows carry no attention mask, only position_ids that restart at 0 for each example; transformers turns
+    those into a block-diagonal mask for sdpa/eager and into varlen calls for flash-attention, so examples never
+    attend across their boundaries with any attention implementation (tests/test_train.py checks the losses match)."""
+    if cfg.padding_free == "auto":
+        return cuda
     return cfg.padding_free == "on"
+
+
+def _attention_implementation(padding_free: bool) -> str | None:
+    import importlib.util
+
+    # flash-attention skips the packed mask entirely (varlen kernels); without it, sdpa with the block mask.
+    return "flash_attention_2" if padding_free and importlib.util.find_spec("flash_attn") is not None else None
 
 
 def build_trainer(student_dir: Path, records: list[Record], cfg: TrainConfig, out_dir: Path,
@@ -82,7 +91,7 @@ def build_trainer(student_dir: Path, records: list[Record], cfg: TrainConfig, ou
     # KD needs each example whole and padded (teacher forward, top-k lookup by token ids): no packing there.
     padding_free = _padding_free(cfg, cuda) and cfg.method != "kd"
     model = AutoModelForCausalLM.from_pretrained(
-        str(student_dir), dtype=dtype, attn_implementation="flash_attention_2" if padding_free else None)
+        str(student_dir), dtype=dtype, attn_implementation=_attention_implementation(padding_free))
     teacher = None
     if cfg.method == "kd" and cfg.kd_alpha < 1.0 and cfg.kd_source == "model":
         from pipeline.train.kd import load_teacher
@@ -162,19 +171,24 @@ def build_trainer(student_dir: Path, records: list[Record], cfg: TrainConfig, ou
 
 def _check_rendered_example(tokenizer, dataset, records: list[Record], eot: str, max_length: int) -> bool:
     """The loss-mask check on the first example that was not truncated (a truncated one has no end-of-turn)."""
+    eot_id = tokenizer.convert_tokens_to_ids(eot)
+    outputs = {r.output.strip(): r.output for r in records}
     for ex in dataset:
-        if len(ex["input_ids"]) >= max_length and "record_index" in ex:
-            continue
         if "record_index" in ex:
+            if len(ex["input_ids"]) >= max_length:
+                continue
             return check_loss_mask(tokenizer, ex["input_ids"], ex["labels"], records[ex["record_index"]].output, eot)
-        # A packed row: its first labelled run must be one record's response plus the end-of-turn token.
-        first = next((i for i, lab in enumerate(ex["labels"]) if lab != -100), None)
+        # A packed row: check its first labelled run, which must be one record's response plus the end-of-turn
+        # token. Packing truncates an over-long example to max_length, so a truncated one fills a row by itself.
+        labels = ex["labels"]
+        first = next((i for i, lab in enumerate(labels) if lab != -100), None)
         if first is None:
             return False
-        end = next((i for i in range(first, len(ex["labels"])) if ex["labels"][i] == -100), len(ex["labels"]))
-        text = tokenizer.decode(ex["input_ids"][first:end - 1]).strip()
-        match = next((r.output for r in records if r.output.strip() == text), None)
-        return match is not None and check_loss_mask(tokenizer, ex["input_ids"][:end], ex["labels"][:end], match, eot)
+        end = next((j for j in range(first, len(labels)) if labels[j] == -100), len(labels))
+        if labels[end - 1] != eot_id and len(labels) >= max_length:
+            continue
+        match = outputs.get(tokenizer.decode(ex["input_ids"][first:end - 1]).strip())
+        return match is not None and check_loss_mask(tokenizer, ex["input_ids"][:end], labels[:end], match, eot)
     log.warning("Every example is longer than train.max_length=%d; the loss-mask check had nothing whole to check.",
                 max_length)
     return True
