@@ -29,9 +29,11 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/distill run --profile cpu-demo
 
 # The default suite first (the fast tests, a few minutes), then the slow ones (real servers, kills, real models).
+# setup installs Chromium, so here a missing browser fails the web UI tests instead of skipping them.
+# GPU tests (-m gpu) skip themselves without CUDA; on a GPU machine run `pytest -m gpu`.
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
+	DISTILL_REQUIRE_BROWSER=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+	DISTILL_REQUIRE_BROWSER=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
 
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"

@@ -6,4 +6,4 @@ if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
 echo "== setup: installing chromium and chromium-driver from Debian"
 $SUDO apt-get update -qq >/dev/null || true
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null || {
-  echo "warning: could not install chromium; the browser tests will be skipped with a reason" >&2; }
+  echo "warning: could not install chromium; `make test` will fail its web UI tests (a bare pytest skips them)" >&2; }
