@@ -25,6 +25,21 @@ def distill_cache(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def stop_prefect_ephemeral_servers():
+    """Stop Prefect's temporary API servers while pytest's output streams are still open.
+
+    Prefect stops them at interpreter exit and logs a line as it does, after pytest has closed the streams: a
+    harmless but noisy "I/O operation on closed file" traceback (PrefectHQ/prefect#16626)."""
+    yield
+    import sys
+
+    server_module = sys.modules.get("prefect.server.api.server")
+    if server_module is not None:
+        for server in list(server_module.SubprocessASGIServer._instances.values()):
+            server.stop()
+
+
 @pytest.fixture
 def fake_server():
     with FakeOpenAIServer() as server:
