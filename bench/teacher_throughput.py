@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.config import TeacherConfig  # noqa: E402
 from pipeline.teachers import Request, make_teacher  # noqa: E402
+from pipeline.processes import stop_process  # noqa: E402
 
 
 def messages(i: int, run: str) -> list[dict[str, str]]:
@@ -103,8 +104,7 @@ def main() -> None:
                 runs[name].append(tokens / wall)
         seq_wall, seq_tokens = sequential(base_url, args.sequential_requests, "sequential")
     finally:
-        proc.terminate()
-        proc.wait()
+        stop_process(proc)
 
     ours_tps, bare_tps, seq_tps = statistics.median(runs["ours"]), statistics.median(runs["bare"]), seq_tokens / seq_wall
     print(json.dumps({

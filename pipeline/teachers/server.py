@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 
 from pipeline.models import resolve_gguf
+from pipeline.processes import stop_process
 
 
 def free_port() -> int:
@@ -58,13 +59,7 @@ class LlamaCppServer:
 
     def stop(self) -> None:
         """Terminate the server (kill it if it does not stop within 10 s)."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def __enter__(self) -> "LlamaCppServer":
         return self

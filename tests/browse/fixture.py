@@ -19,6 +19,7 @@ from pipeline import PROJECT_ROOT
 from pipeline.config import load_config
 from pipeline.curate import reject_counts
 from pipeline.generate.prompts import template_hash
+from pipeline.processes import stop_process
 from pipeline.records import Record
 from pipeline.store import Run, atomic_write_json, atomic_write_text
 
@@ -130,9 +131,4 @@ class BrowseServer:
         raise RuntimeError("browse server did not start in 30 s")
 
     def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
