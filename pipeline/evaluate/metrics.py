@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 from rouge_score import rouge_scorer
 
@@ -76,3 +79,79 @@ def length_controlled_win_rate(prefs: list[float], len_contender: list[int], len
     sd = diff.std()
     x = np.tanh(diff / sd) if sd > 0 else np.zeros_like(diff)
     return float(_sigmoid(fit_logistic(x, y[keep])[0]))
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Mean per-item difference A - B on the items both answered, with its paired bootstrap interval."""
+
+    a: str
+    b: str
+    n: int
+    mean: float
+    lo: float
+    hi: float
+    sd: float
+    level: float
+    n_needed: int | None  # items needed to separate A from B at the observed effect and spread (80% power)
+
+    @property
+    def verdict(self) -> str:
+        """'better', 'worse' or 'not distinguishable': only an interval that excludes 0 decides."""
+        if self.n == 0 or self.lo != self.lo:
+            return "not distinguishable"
+        if self.lo > 0:
+            return "better"
+        if self.hi < 0:
+            return "worse"
+        return "not distinguishable"
+
+    def sentence(self, metric: str = "ROUGE-L", digits: int = 3) -> str:
+        """One line a reader can check: the difference, its interval and what it means."""
+        diff = (f"{self.a} - {self.b} = {self.mean:+.{digits}f} {metric} "
+                f"[{self.lo:+.{digits}f}, {self.hi:+.{digits}f}], paired {self.level:.0%} bootstrap over {self.n} items")
+        if self.verdict == "better":
+            return f"{self.a} beats {self.b}: {diff}."
+        if self.verdict == "worse":
+            return f"{self.a} is worse than {self.b}: {diff}."
+        need = (f"; about {self.n_needed} items would be needed to separate them at this effect and spread"
+                if self.n_needed else "; the observed difference is 0")
+        return f"{self.a} and {self.b} are not distinguishable on {self.n} items: {diff}{need}."
+
+    def as_dict(self) -> dict:
+        return {"a": self.a, "b": self.b, "n": self.n, "mean": self.mean, "lo": self.lo, "hi": self.hi, "sd": self.sd,
+                "level": self.level, "verdict": self.verdict, "n_needed": self.n_needed}
+
+
+def items_needed(mean: float, sd: float, level: float = 0.95, power: float = 0.8) -> int | None:
+    """Sample size of a two-sided paired test that detects `mean` with the given power (normal approximation)."""
+    from statistics import NormalDist
+
+    if not mean or mean != mean or sd != sd:
+        return None
+    z = NormalDist().inv_cdf(1 - (1 - level) / 2) + NormalDist().inv_cdf(power)
+    return max(2, math.ceil((z * sd / abs(mean)) ** 2))
+
+
+def paired_difference(a: list[float], b: list[float], names: tuple[str, str] = ("A", "B"), samples: int = 1000,
+                      level: float = 0.95, seed: int = 0) -> PairedDifference:
+    """Paired percentile bootstrap of mean(a_i - b_i) over the items where both scores exist.
+
+    The same items answered by two contenders: resampling the per-item differences keeps each item's difficulty
+    out of the comparison, which separate per-contender intervals do not (they can overlap while every item moves
+    the same way).
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired scores need the same items: {len(a)} vs {len(b)} values")
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    d = (x - y)[~(np.isnan(x) | np.isnan(y))]
+    if d.size == 0:
+        nan = float("nan")
+        return PairedDifference(names[0], names[1], 0, nan, nan, nan, nan, level, None)
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, size=(samples, d.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    sd = float(d.std(ddof=1)) if d.size > 1 else 0.0
+    mean = float(d.mean())
+    return PairedDifference(names[0], names[1], int(d.size), mean, float(lo), float(hi), sd, level,
+                            items_needed(mean, sd, level))
