@@ -161,6 +161,14 @@ class EvaluateConfig(Strict):
     perplexity: bool = Field(True, description="Perplexity of the reference answers under each student (response tokens only).")
     gold_student: bool = Field(False, description="Also train a student on as many gold Alpaca records as were accepted, and evaluate it.")
 
+    @field_validator("judge")
+    @classmethod
+    def _one_budget(cls, v: TeacherConfig | None) -> TeacherConfig | None:
+        if v is not None and (v.budget_usd is not None or v.budget_tokens is not None):
+            raise ValueError("a run has one budget: set teacher.budget_usd / teacher.budget_tokens; the judge's calls "
+                             "count against it at evaluate.judge's prices, so remove evaluate.judge.budget_*")
+        return v
+
 
 class RetrainConfig(Strict):
     """Scheduled retraining (deployment distill/retrain) and the champion/challenger promotion rule."""

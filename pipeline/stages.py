@@ -28,9 +28,9 @@ def teacher_cache_path(cfg: RunConfig) -> Path:
     return Path(cfg.runs_dir) / "cache" / "teacher.sqlite"
 
 
-def _ledger(cfg: RunConfig) -> Ledger:
-    t = cfg.teacher
-    return Ledger(t.price_per_1m_input, t.price_per_1m_output, t.budget_usd, t.budget_tokens)
+def run_ledger(run: Run) -> Ledger:
+    """The run's one ledger (runs/<id>/ledger.sqlite): every stage and every resume spends from one budget."""
+    return Ledger.for_teacher(run.cfg.teacher, run.path("ledger.sqlite"))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -85,12 +85,13 @@ def generate_stage(run: Run) -> dict[str, Any]:
     if out.exists() and summary_path.exists():
         return _read_json(summary_path)
     cfg = run.cfg
-    ledger = _ledger(cfg)
+    ledger = run_ledger(run)
     teacher = make_teacher(cfg.teacher, teacher_cache_path(cfg), ledger, scale=cfg.scale)
     try:
         records, stats = generate_records(teacher, cfg.generate, cfg.curate, run.id)
     finally:
         teacher.close()
+    ledger.check_budget()  # a request refused for the budget: the stage is unfinished, resumable with a bigger one
     save_records(out, records)
     summary = {**stats, "records": len(records), "ledger": ledger.as_dict()}
     atomic_write_json(summary_path, summary)
@@ -177,13 +178,14 @@ def evaluate_stage(run: Run) -> dict[str, Any]:
         return _read_json(summary_path)
     cfg, ev = run.cfg, run.cfg.evaluate
     items = load_eval_set(ev.eval_set, ev.limit)
-    ledger = _ledger(cfg)
+    ledger = run_ledger(run)
     cache_dir = teacher_cache_path(cfg).parent  # student answers are cached beside the teacher's replies
     teacher = make_teacher(cfg.teacher, cache_dir / "teacher.sqlite", ledger, scale=cfg.scale)
     try:
         contenders = {"teacher": teacher_answers(teacher, items, ev.max_new_tokens)}
     finally:
         teacher.close()
+    ledger.check_budget()  # stop before the students' work when the teacher's answers did not fit the budget
     if cfg.teacher.backend == "llamacpp":
         gguf = resolve_gguf(cfg.teacher.model)
         contenders["teacher"].update(params=gguf_params(gguf), disk_bytes=gguf.stat().st_size)
@@ -197,12 +199,15 @@ def evaluate_stage(run: Run) -> dict[str, Any]:
     for name, (model_dir, adapter) in students.items():
         contenders[name] = student_answers(model_dir, items, ev.max_new_tokens, ev.batch_size, adapter_dir=adapter,
                                            label=name.replace("_", " "), cache_dir=cache_dir, perplexity=ev.perplexity)
-    judge = make_teacher(ev.judge, cache_dir / "teacher.sqlite", ledger) if ev.judge else None
+    # The judge spends from the run's budget too, at its own prices.
+    judge_ledger = ledger.priced(ev.judge.price_per_1m_input, ev.judge.price_per_1m_output) if ev.judge else None
+    judge = make_teacher(ev.judge, cache_dir / "teacher.sqlite", judge_ledger) if ev.judge else None
     try:
         scores, rows = score_contenders(items, contenders, judge, ev.judge_baseline, ev.bootstrap_samples)
     finally:
         if judge is not None:
             judge.close()
+    ledger.check_budget()  # scores from half-judged items are not a result: stop, resumable with a bigger budget
     results: dict[str, Any] = {"eval_set": str(ev.eval_set), "items": len(items), "max_new_tokens": ev.max_new_tokens,
                                "judge": f"{ev.judge.backend}:{ev.judge.model}" if ev.judge else None,
                                "judge_baseline": ev.judge_baseline if ev.judge else None, **scores,
@@ -213,9 +218,7 @@ def evaluate_stage(run: Run) -> dict[str, Any]:
 
 def report_stage(run: Run, generation: dict, curation: dict, training: dict, evaluation: dict) -> dict[str, Any]:
     """report.md/json/png, then mark the run completed in its status and the catalog."""
-    ledger: dict[str, Any] = {}
-    for part in (generation.get("ledger", {}), evaluation.get("ledger", {})):
-        ledger.update({k: v for k, v in part.items() if k != "total"})
+    ledger = {k: v for k, v in run_ledger(run).as_dict().items() if k != "total"}  # every stage and resume
     results = {"run_id": run.id, "generation": generation, "curation": curation, "training": training,
                "evaluation": {k: v for k, v in evaluation.items() if k != "ledger"}, "ledger": ledger}
     path = write_report(run.dir, results)
