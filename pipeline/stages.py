@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, TeacherConfig
 from pipeline.curate import curate, reject_counts
 from pipeline.evaluate import load_eval_set
 from pipeline.evaluate.contenders import student_answers, teacher_answers
@@ -51,30 +51,32 @@ def preflight(cfg: RunConfig) -> None:
     if cfg.teacher.backend not in teachers._BACKENDS:
         raise ConfigError(f"Unknown teacher.backend {cfg.teacher.backend!r}. Known backends: "
                           f"{', '.join(sorted(teachers._BACKENDS))}.")
-    if cfg.teacher.backend == "openai":
+    if cfg.teacher.backend in ("openai", "openai-batch"):
         check_teacher_endpoint(cfg)
+    if cfg.evaluate.judge is not None and cfg.evaluate.judge.backend in ("openai", "openai-batch"):
+        check_teacher_endpoint(cfg, cfg.evaluate.judge, "evaluate.judge")
 
 
-def check_teacher_endpoint(cfg: RunConfig) -> None:
+def check_teacher_endpoint(cfg: RunConfig, teacher: TeacherConfig | None = None, section: str = "teacher") -> None:
     """An unreachable server or a rejected key is named before any run folder exists."""
-    import os
-
     import httpx
 
     from pipeline.errors import ConfigError
+    from pipeline.teachers.secrets import resolve_api_key
 
-    t = cfg.teacher
+    t = teacher or cfg.teacher
     base = (t.base_url or "https://api.openai.com/v1").rstrip("/")
-    key = os.environ.get(t.api_key_env, "")
+    key = resolve_api_key(t)  # the client's own rule: a Prefect Secret block if named, else the environment
+    where = f"the Prefect Secret block {t.api_key_secret_block!r}" if t.api_key_secret_block else f"${t.api_key_env}"
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
         resp = httpx.get(f"{base}/models", headers=headers, timeout=min(t.timeout_s, 10))
     except httpx.HTTPError as e:
-        raise ConfigError(f"teacher.base_url {base} is unreachable ({type(e).__name__}). Start the server "
-                          f"(vllm serve / llama.cpp server / ollama) or fix teacher.base_url.") from None
+        raise ConfigError(f"{section}.base_url {base} is unreachable ({type(e).__name__}). Start the server "
+                          f"(vllm serve / llama.cpp server / ollama) or fix {section}.base_url.") from None
     if resp.status_code in (401, 403):
-        raise ConfigError(f"The teacher at {base} rejected the API key from ${t.api_key_env} (HTTP {resp.status_code}). "
-                          f"Export a valid key in {t.api_key_env}.")
+        raise ConfigError(f"The {section} at {base} rejected the API key from {where} (HTTP {resp.status_code}). "
+                          f"Put a valid key there.")
 
 
 def generate_stage(run: Run) -> dict[str, Any]:
