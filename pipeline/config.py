@@ -90,8 +90,8 @@ class GenerateConfig(Strict):
 
 
 class CurateConfig(Strict):
-    min_words: int = Field(3, ge=0, description="Drop instructions shorter than this (Alpaca: 3).")
-    max_words: int = Field(150, ge=1, description="Drop instructions longer than this (Alpaca: 150).")
+    min_words: int = Field(4, ge=0, description="Drop instructions of fewer words than this (whitespace split). The default 4 is Alpaca's rule exactly: it drops `len(inst.split()) <= 3`.")
+    max_words: int = Field(150, ge=1, description="Drop instructions of more words than this (Alpaca: `len(inst.split()) > 150`).")
     blacklist: list[str] = Field(
         default_factory=lambda: ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files",
                                  "map", "maps", "draw", "plot", "go to", "video", "audio", "music",
