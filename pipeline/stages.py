@@ -119,18 +119,21 @@ def curate_stage(run: Run) -> dict[str, Any]:
     accepted, rejected = curate(records, cc, seeds, [f"{e.instruction} {e.input}" for e in eval_items], prior)
     reasons = reject_counts(rejected)
     stats = diversity_stats(accepted, seeds, cc.top_leading_verbs)
-    folder = run.save_dataset("curated", accepted, rejected, {
+
+    def extras(folder: Path) -> None:
+        # Beside the version's own files, inside it before its manifest: the Alpaca-format export, plots, and the
+        # kept pool that a later version dedupes against (prior_datasets).
+        export_alpaca_jsonl(accepted, folder / "accepted.alpaca.jsonl")
+        plot_stats(stats, folder)
+        pool = (seeds if cc.dedupe_against_seeds else []) + prior + [r.instruction for r in accepted]
+        save_pool(folder / "near_dup_pool.npz", list(dict.fromkeys(pool)), cc.rouge_threshold)
+
+    run.save_dataset("curated", accepted, rejected, {
         "parents": [str(d) for d in cc.prior_datasets], "teacher": f"{cfg.teacher.backend}:{cfg.teacher.model}",
         "stage_counts": stage_counts(len(records), accepted, rejected), "reject_reasons": reasons,
         "decontamination": contamination_report(rejected, len(eval_items), cc), "diversity": stats,
         "files": {"alpaca_jsonl": "accepted.alpaca.jsonl", "near_dup_pool": "near_dup_pool.npz",
-                  "plots": ["rouge_to_seeds.png", "lengths.png", "leading_verbs.png"]}})
-    # Extras beside the version's own files: Alpaca-format export, plots, and the kept pool that a later
-    # version dedupes against (prior_datasets).
-    export_alpaca_jsonl(accepted, folder / "accepted.alpaca.jsonl")
-    plot_stats(stats, folder)
-    pool = (seeds if cc.dedupe_against_seeds else []) + prior + [r.instruction for r in accepted]
-    save_pool(folder / "near_dup_pool.npz", list(dict.fromkeys(pool)), cc.rouge_threshold)
+                  "plots": ["rouge_to_seeds.png", "lengths.png", "leading_verbs.png"]}}, extras=extras)
     log.info("curate: %d accepted, %d rejected %s", len(accepted), len(rejected), reasons)
     return _read_json(final)
 
