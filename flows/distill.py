@@ -115,6 +115,8 @@ def distill(profile: str = "cpu-demo", overrides: list[str] | None = None, confi
         evaluation = evaluate(run_dir)
         summary = report(run_dir, generation, curation, training, evaluation)
         decision = promote(run_dir, summary["model_id"])
+        # Completed only now: the model is registered and the registry has decided.
+        run.set_state("completed", summary={**summary, "promoted": decision["promoted"], "decision": decision["reason"]})
     except BaseException as e:
         run.set_state("failed", error=f"{type(e).__name__}: {e}")
         raise

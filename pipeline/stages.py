@@ -222,14 +222,14 @@ def evaluate_stage(run: Run) -> dict[str, Any]:
 
 
 def report_stage(run: Run, generation: dict, curation: dict, training: dict, evaluation: dict) -> dict[str, Any]:
-    """report.md/json/png, then mark the run completed in its status and the catalog."""
+    """report.md/json/png, and the distilled student registered as a candidate. The run is not completed yet: the
+    flow marks it so only after the registry decided (a kill in between leaves a run that resumes)."""
     ledger = {k: v for k, v in run_ledger(run).as_dict().items() if k != "total"}  # every stage and resume
     results = {"run_id": run.id, "generation": generation, "curation": curation, "training": training,
                "evaluation": {k: v for k, v in evaluation.items() if k != "ledger"}, "ledger": ledger}
     path = write_report(run.dir, results)
     summary = {"report": str(path), **headline(results), "accepted": curation.get("accepted"),
                "rejected": curation.get("rejected")}
-    run.set_state("completed", summary=summary)
     from pipeline.registry import register_model  # a candidate until the registry decides champion/challenger
 
     summary["model_id"] = register_model(run, curation, evaluation, headline(results))

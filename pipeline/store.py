@@ -61,6 +61,39 @@ def atomic_dir(path: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def atomic_swap_dir(path: Path) -> Iterator[Path]:
+    """Build the next version of the folder `path` and switch to it in one atomic rename.
+
+    `path` is a symlink to a versioned sibling (`.<name>.v-<stamp>`); the switch replaces the symlink with
+    os.replace, so a reader or a crash at any moment finds the old version or the new one, never neither (a plain
+    folder cannot be replaced in one step: deleting it first opens a window). The previous version is kept for a
+    reader still loading from it; older ones are removed after the switch."""
+    path = Path(path)
+    parent = path.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}"
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield tmp
+        version = parent / f".{path.name}.v-{stamp}"
+        os.replace(tmp, version)
+        previous = os.readlink(path) if path.is_symlink() else None
+        link = parent / f".{path.name}.link-{stamp}"
+        os.symlink(version.name, link)  # relative: the runs folder can be moved or mounted elsewhere
+        if path.exists() and not path.is_symlink():
+            # A plain folder from before versioned swaps becomes a version itself; the symlink takes its place.
+            previous = f".{path.name}.v-0-legacy-{stamp}"
+            os.replace(path, parent / previous)
+        os.replace(link, path)
+        for old in parent.glob(f".{path.name}.v-*"):
+            if old.name not in (version.name, previous):
+                shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def code_version() -> str:
     """The git commit of the code that produced an artifact (or the package version outside git)."""
     try:
