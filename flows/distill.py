@@ -91,12 +91,13 @@ def dataset_artifact(curation: dict) -> None:
 
 @flow(name="distill")
 def distill(profile: str = "cpu-demo", overrides: list[str] | None = None, config: RunConfig | None = None,
-            run_id: str | None = None, stages_to_run: Literal["full", "data", "retrain"] = "full") -> dict:
+            run_id: str | None = None, stages_to_run: Literal["full", "data", "retrain"] = "full",
+            allow_config_change: bool = False) -> dict:
     """Distil the teacher into the student and report whether it worked."""
     logger = get_run_logger()
     cfg = config or load_config(profile=profile, overrides=overrides)
     stages.preflight(cfg)
-    run = Run.create(cfg, run_id)
+    run = Run.create(cfg, run_id, allow_config_change=allow_config_change)
     logger.info("Run folder: %s", run.dir.resolve())
     create_link_artifact(key="distill-run-folder", link=run.dir.resolve().as_uri(), link_text=str(run.dir.resolve()),
                          description=f"Run folder of {run.id}")

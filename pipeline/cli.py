@@ -49,7 +49,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.distill import distill
 
     start = time.perf_counter()
-    result = distill(config=cfg, run_id=args.run_id, stages_to_run="data" if args.data_only else "full")
+    result = distill(config=cfg, run_id=args.run_id, stages_to_run="data" if args.data_only else "full",
+                     allow_config_change=args.allow_config_change)
     elapsed = time.perf_counter() - start
     print_summary(result, elapsed)
     return 0
@@ -180,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set generate.target_instructions=20 (repeatable)")
     r.add_argument("--run-id", help="reuse this run id: resumes an unfinished run folder")
     r.add_argument("--data-only", action="store_true", help="generate and curate only")
+    r.add_argument("--allow-config-change", action="store_true",
+                   help="resume --run-id with a config that differs from the run's: the stages the changed keys feed, "
+                        "and those after them, run again (recorded in status.json)")
     r.set_defaults(func=cmd_run)
 
     d = sub.add_parser("dedupe", help="Alpaca's ROUGE-L near-duplicate filter over a JSONL/JSON/Parquet file")

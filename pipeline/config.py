@@ -223,6 +223,51 @@ class RunConfig(Strict):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# Keys that change how a run spends or reaches its teacher, never what it produces: a resumed run may change them
+# (raising the budget to continue is the common case); the change is recorded in its status.
+OPERATIONAL_KEYS = ("name", "runs_dir", "scale.", "evaluate.batch_size", "train.check_memory", "retrain.cron",
+                    "retrain.timezone")
+OPERATIONAL_TEACHER_KEYS = ("base_url", "extra_base_urls", "api_key_env", "api_key_secret_block", "max_concurrency",
+                            "timeout_s", "max_retries", "malformed_backoff_s", "batch_poll_s", "batch_completion_window",
+                            "n_threads", "price_per_1m_input", "price_per_1m_output", "budget_usd", "budget_tokens")
+# The first stage each result key feeds (the stages after it consume its output): (key prefix, stage).
+STAGE_OF_KEY = (("evaluate.eval_set", "curate"), ("teacher.", "generate"), ("generate.", "generate"),
+                ("curate.", "curate"), ("student.", "train"), ("train.", "train"), ("evaluate.", "evaluate"),
+                ("retrain.", "report"))
+STAGE_ORDER = ("generate", "curate", "train", "evaluate", "report")
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+def is_operational(key: str) -> bool:
+    """True for a key that cannot change a run's outputs (see OPERATIONAL_KEYS)."""
+    if any(key == k or (k.endswith(".") and key.startswith(k)) for k in OPERATIONAL_KEYS):
+        return True
+    for section in ("teacher.", "evaluate.judge."):
+        if key.startswith(section) and key[len(section):] in OPERATIONAL_TEACHER_KEYS:
+            return True
+    return False
+
+
+def config_changes(old: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose resolved values differ between two configs: key -> (old, new)."""
+    a, b = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def first_stage_changed(keys: list[str]) -> str | None:
+    """The earliest stage whose inputs the given result keys change (None when none does)."""
+    stages = [next((stage for prefix, stage in STAGE_OF_KEY if k.startswith(prefix)), "generate") for k in keys]
+    return min(stages, key=STAGE_ORDER.index) if stages else None
+
+
 def profile_path(name: str) -> Path:
     """The YAML file of a named profile shipped in profiles/."""
     path = PROFILES_DIR / f"{name}.yaml"

@@ -164,3 +164,43 @@ def test_champion_swap_survives_a_kill_at_every_step(tmp_path):
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     else:
         pytest.fail("the promotion never finished")
+
+
+# --- resuming with another config ----------------------------------------------------------------------------
+
+def test_resume_with_another_config_is_refused_naming_the_keys_or_reruns_what_changed(tmp_path):
+    from flows.infra import StageCode
+    from pipeline.errors import DistillError
+
+    run = generated_run(tmp_path, "c")
+    atomic = run.path("generate.json")
+    atomic.write_text("{}")
+    run.save_dataset("curated", [], [], {"parents": []})
+    run.path("train.json").write_text("{}")
+    policy = StageCode(paths=("pipeline/stages.py",))
+    key_before = policy.compute_key(None, {"run_dir": str(run.dir)}, {})
+
+    runs = f"runs_dir={tmp_path / 'runs'}"
+    changed = load_config(overrides=[runs, "curate.rouge_threshold=0.5", "train.epochs=3"])
+    with pytest.raises(DistillError, match=r"curate\.rouge_threshold: 0\.7 -> 0\.5; train\.epochs: 2\.0 -> 3") as err:
+        Run.create(changed, "c")
+    assert "--allow-config-change" in str(err.value)
+    assert run.path("datasets", "curated", "manifest.json").exists()  # nothing was touched
+
+    # Raising the budget (how a run stopped by it continues) changes no result: allowed, and recorded.
+    Run.create(load_config(overrides=[runs, "teacher.budget_usd=5"]), "c")
+    status = json.loads(run.path("status.json").read_text())
+    assert status["config_changes"][-1]["keys"] == {"teacher.budget_usd": [None, 5.0]}
+    assert status["config_changes"][-1]["reran"] == []
+
+    # With the flag: curate and every stage after it run again; generate's output stays.
+    Run.create(changed, "c", allow_config_change=True)
+    status = json.loads(run.path("status.json").read_text())
+    assert status["config_changes"][-1]["reran"] == ["curate", "train", "evaluate", "report"]
+    assert set(status["config_changes"][-1]["result_keys"]) == {"curate.rouge_threshold", "train.epochs"}
+    assert run.path("generated.parquet").exists() and run.path("generate.json").exists()
+    assert not run.path("datasets", "curated").exists() and not run.path("train.json").exists()
+    [aside] = run.path("superseded").iterdir()
+    assert (aside / "datasets" / "curated" / "manifest.json").exists() and (aside / "train.json").exists()
+    # Prefect's cross-run stage cache is keyed on the config too, so it cannot replay the old results.
+    assert policy.compute_key(None, {"run_dir": str(run.dir)}, {}) != key_before
