@@ -45,6 +45,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.stages import preflight
 
     preflight(cfg)  # bad seeds, eval set or model: fail in a second, before Prefect starts
+    if args.dry_run:
+        return print_estimate(cfg, args)
     _quiet_prefect()
     from flows.distill import distill
 
@@ -53,6 +55,20 @@ def cmd_run(args: argparse.Namespace) -> int:
                      allow_config_change=args.allow_config_change)
     elapsed = time.perf_counter() - start
     print_summary(result, elapsed)
+    return 0
+
+
+def print_estimate(cfg, args: argparse.Namespace) -> int:
+    """`distill run --dry-run`: the most each stage can ask of the teacher, and what it can cost; no call made."""
+    from pipeline.estimate import estimate, format_estimate
+
+    spent = None
+    ledger_path = Path(cfg.runs_dir) / args.run_id / "ledger.sqlite" if args.run_id else None
+    if ledger_path is not None and ledger_path.exists():
+        from pipeline.teachers import Ledger
+
+        spent = Ledger.for_teacher(cfg.teacher, ledger_path).totals().cost_usd
+    print(format_estimate(cfg, estimate(cfg, "data" if args.data_only else "full"), spent))
     return 0
 
 
@@ -181,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set generate.target_instructions=20 (repeatable)")
     r.add_argument("--run-id", help="reuse this run id: resumes an unfinished run folder")
     r.add_argument("--data-only", action="store_true", help="generate and curate only")
+    r.add_argument("--dry-run", action="store_true",
+                   help="print the most teacher requests each stage can make, their worst-case tokens and dollars at the "
+                        "configured prices and the time at the measured rate, then stop before any teacher call")
     r.add_argument("--allow-config-change", action="store_true",
                    help="resume --run-id with a config that differs from the run's: the stages the changed keys feed, "
                         "and those after them, run again (recorded in status.json)")
