@@ -90,8 +90,8 @@ class GenerateConfig(Strict):
 
 
 class CurateConfig(Strict):
-    min_words: int = Field(3, ge=0, description="Drop instructions shorter than this (Alpaca: 3).")
-    max_words: int = Field(150, ge=1, description="Drop instructions longer than this (Alpaca: 150).")
+    min_words: int = Field(4, ge=0, description="Drop instructions of fewer words than this (whitespace split). The default 4 is Alpaca's rule exactly: it drops `len(inst.split()) <= 3`.")
+    max_words: int = Field(150, ge=1, description="Drop instructions of more words than this (Alpaca: `len(inst.split()) > 150`).")
     blacklist: list[str] = Field(
         default_factory=lambda: ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files",
                                  "map", "maps", "draw", "plot", "go to", "video", "audio", "music",
@@ -167,6 +167,14 @@ class EvaluateConfig(Strict):
     judge_baseline: Literal["reference", "teacher"] = Field("reference", description="What each contender's answer is judged against: the eval set's reference answer or the teacher's.")
     perplexity: bool = Field(True, description="Perplexity of the reference answers under each student (response tokens only).")
     gold_student: bool = Field(False, description="Also train a student on as many gold Alpaca records as were accepted, and evaluate it.")
+
+    @field_validator("judge")
+    @classmethod
+    def _one_budget(cls, v: TeacherConfig | None) -> TeacherConfig | None:
+        if v is not None and (v.budget_usd is not None or v.budget_tokens is not None):
+            raise ValueError("a run has one budget: set teacher.budget_usd / teacher.budget_tokens; the judge's calls "
+                             "count against it at evaluate.judge's prices, so remove evaluate.judge.budget_*")
+        return v
 
 
 class RetrainConfig(Strict):

@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, TeacherConfig
 from pipeline.curate import curate, reject_counts
 from pipeline.evaluate import load_eval_set
 from pipeline.evaluate.contenders import student_answers, teacher_answers
@@ -28,9 +28,9 @@ def teacher_cache_path(cfg: RunConfig) -> Path:
     return Path(cfg.runs_dir) / "cache" / "teacher.sqlite"
 
 
-def _ledger(cfg: RunConfig) -> Ledger:
-    t = cfg.teacher
-    return Ledger(t.price_per_1m_input, t.price_per_1m_output, t.budget_usd, t.budget_tokens)
+def run_ledger(run: Run) -> Ledger:
+    """The run's one ledger (runs/<id>/ledger.sqlite): every stage and every resume spends from one budget."""
+    return Ledger.for_teacher(run.cfg.teacher, run.path("ledger.sqlite"))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -51,30 +51,32 @@ def preflight(cfg: RunConfig) -> None:
     if cfg.teacher.backend not in teachers._BACKENDS:
         raise ConfigError(f"Unknown teacher.backend {cfg.teacher.backend!r}. Known backends: "
                           f"{', '.join(sorted(teachers._BACKENDS))}.")
-    if cfg.teacher.backend == "openai":
+    if cfg.teacher.backend in ("openai", "openai-batch"):
         check_teacher_endpoint(cfg)
+    if cfg.evaluate.judge is not None and cfg.evaluate.judge.backend in ("openai", "openai-batch"):
+        check_teacher_endpoint(cfg, cfg.evaluate.judge, "evaluate.judge")
 
 
-def check_teacher_endpoint(cfg: RunConfig) -> None:
+def check_teacher_endpoint(cfg: RunConfig, teacher: TeacherConfig | None = None, section: str = "teacher") -> None:
     """An unreachable server or a rejected key is named before any run folder exists."""
-    import os
-
     import httpx
 
     from pipeline.errors import ConfigError
+    from pipeline.teachers.secrets import resolve_api_key
 
-    t = cfg.teacher
+    t = teacher or cfg.teacher
     base = (t.base_url or "https://api.openai.com/v1").rstrip("/")
-    key = os.environ.get(t.api_key_env, "")
+    key = resolve_api_key(t)  # the client's own rule: a Prefect Secret block if named, else the environment
+    where = f"the Prefect Secret block {t.api_key_secret_block!r}" if t.api_key_secret_block else f"${t.api_key_env}"
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
         resp = httpx.get(f"{base}/models", headers=headers, timeout=min(t.timeout_s, 10))
     except httpx.HTTPError as e:
-        raise ConfigError(f"teacher.base_url {base} is unreachable ({type(e).__name__}). Start the server "
-                          f"(vllm serve / llama.cpp server / ollama) or fix teacher.base_url.") from None
+        raise ConfigError(f"{section}.base_url {base} is unreachable ({type(e).__name__}). Start the server "
+                          f"(vllm serve / llama.cpp server / ollama) or fix {section}.base_url.") from None
     if resp.status_code in (401, 403):
-        raise ConfigError(f"The teacher at {base} rejected the API key from ${t.api_key_env} (HTTP {resp.status_code}). "
-                          f"Export a valid key in {t.api_key_env}.")
+        raise ConfigError(f"The {section} at {base} rejected the API key from {where} (HTTP {resp.status_code}). "
+                          f"Put a valid key there.")
 
 
 def generate_stage(run: Run) -> dict[str, Any]:
@@ -85,12 +87,13 @@ def generate_stage(run: Run) -> dict[str, Any]:
     if out.exists() and summary_path.exists():
         return _read_json(summary_path)
     cfg = run.cfg
-    ledger = _ledger(cfg)
+    ledger = run_ledger(run)
     teacher = make_teacher(cfg.teacher, teacher_cache_path(cfg), ledger, scale=cfg.scale)
     try:
         records, stats = generate_records(teacher, cfg.generate, cfg.curate, run.id)
     finally:
         teacher.close()
+    ledger.check_budget()  # a request refused for the budget: the stage is unfinished, resumable with a bigger one
     save_records(out, records)
     summary = {**stats, "records": len(records), "ledger": ledger.as_dict()}
     atomic_write_json(summary_path, summary)
@@ -116,18 +119,21 @@ def curate_stage(run: Run) -> dict[str, Any]:
     accepted, rejected = curate(records, cc, seeds, [f"{e.instruction} {e.input}" for e in eval_items], prior)
     reasons = reject_counts(rejected)
     stats = diversity_stats(accepted, seeds, cc.top_leading_verbs)
-    folder = run.save_dataset("curated", accepted, rejected, {
+
+    def extras(folder: Path) -> None:
+        # Beside the version's own files, inside it before its manifest: the Alpaca-format export, plots, and the
+        # kept pool that a later version dedupes against (prior_datasets).
+        export_alpaca_jsonl(accepted, folder / "accepted.alpaca.jsonl")
+        plot_stats(stats, folder)
+        pool = (seeds if cc.dedupe_against_seeds else []) + prior + [r.instruction for r in accepted]
+        save_pool(folder / "near_dup_pool.npz", list(dict.fromkeys(pool)), cc.rouge_threshold)
+
+    run.save_dataset("curated", accepted, rejected, {
         "parents": [str(d) for d in cc.prior_datasets], "teacher": f"{cfg.teacher.backend}:{cfg.teacher.model}",
         "stage_counts": stage_counts(len(records), accepted, rejected), "reject_reasons": reasons,
         "decontamination": contamination_report(rejected, len(eval_items), cc), "diversity": stats,
         "files": {"alpaca_jsonl": "accepted.alpaca.jsonl", "near_dup_pool": "near_dup_pool.npz",
-                  "plots": ["rouge_to_seeds.png", "lengths.png", "leading_verbs.png"]}})
-    # Extras beside the version's own files: Alpaca-format export, plots, and the kept pool that a later
-    # version dedupes against (prior_datasets).
-    export_alpaca_jsonl(accepted, folder / "accepted.alpaca.jsonl")
-    plot_stats(stats, folder)
-    pool = (seeds if cc.dedupe_against_seeds else []) + prior + [r.instruction for r in accepted]
-    save_pool(folder / "near_dup_pool.npz", list(dict.fromkeys(pool)), cc.rouge_threshold)
+                  "plots": ["rouge_to_seeds.png", "lengths.png", "leading_verbs.png"]}}, extras=extras)
     log.info("curate: %d accepted, %d rejected %s", len(accepted), len(rejected), reasons)
     return _read_json(final)
 
@@ -172,13 +178,14 @@ def evaluate_stage(run: Run) -> dict[str, Any]:
         return _read_json(summary_path)
     cfg, ev = run.cfg, run.cfg.evaluate
     items = load_eval_set(ev.eval_set, ev.limit)
-    ledger = _ledger(cfg)
+    ledger = run_ledger(run)
     cache_dir = teacher_cache_path(cfg).parent  # student answers are cached beside the teacher's replies
     teacher = make_teacher(cfg.teacher, cache_dir / "teacher.sqlite", ledger, scale=cfg.scale)
     try:
         contenders = {"teacher": teacher_answers(teacher, items, ev.max_new_tokens)}
     finally:
         teacher.close()
+    ledger.check_budget()  # stop before the students' work when the teacher's answers did not fit the budget
     if cfg.teacher.backend == "llamacpp":
         gguf = resolve_gguf(cfg.teacher.model)
         contenders["teacher"].update(params=gguf_params(gguf), disk_bytes=gguf.stat().st_size)
@@ -192,12 +199,15 @@ def evaluate_stage(run: Run) -> dict[str, Any]:
     for name, (model_dir, adapter) in students.items():
         contenders[name] = student_answers(model_dir, items, ev.max_new_tokens, ev.batch_size, adapter_dir=adapter,
                                            label=name.replace("_", " "), cache_dir=cache_dir, perplexity=ev.perplexity)
-    judge = make_teacher(ev.judge, cache_dir / "teacher.sqlite", ledger) if ev.judge else None
+    # The judge spends from the run's budget too, at its own prices.
+    judge_ledger = ledger.priced(ev.judge.price_per_1m_input, ev.judge.price_per_1m_output) if ev.judge else None
+    judge = make_teacher(ev.judge, cache_dir / "teacher.sqlite", judge_ledger) if ev.judge else None
     try:
         scores, rows = score_contenders(items, contenders, judge, ev.judge_baseline, ev.bootstrap_samples)
     finally:
         if judge is not None:
             judge.close()
+    ledger.check_budget()  # scores from half-judged items are not a result: stop, resumable with a bigger budget
     results: dict[str, Any] = {"eval_set": str(ev.eval_set), "items": len(items), "max_new_tokens": ev.max_new_tokens,
                                "judge": f"{ev.judge.backend}:{ev.judge.model}" if ev.judge else None,
                                "judge_baseline": ev.judge_baseline if ev.judge else None, **scores,
@@ -208,9 +218,7 @@ def evaluate_stage(run: Run) -> dict[str, Any]:
 
 def report_stage(run: Run, generation: dict, curation: dict, training: dict, evaluation: dict) -> dict[str, Any]:
     """report.md/json/png, then mark the run completed in its status and the catalog."""
-    ledger: dict[str, Any] = {}
-    for part in (generation.get("ledger", {}), evaluation.get("ledger", {})):
-        ledger.update({k: v for k, v in part.items() if k != "total"})
+    ledger = {k: v for k, v in run_ledger(run).as_dict().items() if k != "total"}  # every stage and resume
     results = {"run_id": run.id, "generation": generation, "curation": curation, "training": training,
                "evaluation": {k: v for k, v in evaluation.items() if k != "ledger"}, "ledger": ledger}
     path = write_report(run.dir, results)
