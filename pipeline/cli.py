@@ -55,24 +55,49 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+_SHORT = {"teacher": "teacher", "raw_student": "raw", "distilled_student": "distilled", "gold_student": "gold"}
+_QUESTIONS = (("distilled_vs_raw", "distilled vs raw"), ("distilled_vs_gold", "distilled vs gold"),
+              ("distilled_vs_teacher", "distilled vs teacher"))
+
+
 def print_summary(result: dict, elapsed: float) -> None:
     print("\n" + "=" * 72)
     print(f"distill finished in {elapsed / 60:.1f} min. Run folder: {result['run_dir']}")
     print(f"  data: {result.get('accepted')} accepted, {result.get('rejected')} rejected")
-    for key, label in (("teacher", "teacher"), ("raw_student", "raw student"), ("distilled_student", "distilled student")):
-        if isinstance(result.get(key), (int, float)):  # a data-only run names the teacher here instead
-            print(f"  ROUGE-L {label:<18} {result[key]:.3f}")
+    if result.get("sets"):
+        for line in verdict_lines(result["sets"]):
+            print("  " + line)
+    else:  # a data-only run names the teacher here instead
+        for key, label in (("teacher", "teacher"), ("raw_student", "raw student"), ("distilled_student", "distilled student")):
+            if isinstance(result.get(key), (int, float)):
+                print(f"  ROUGE-L {label:<18} {result[key]:.3f}")
     for key, label in (("raw_student", "raw student"), ("distilled_student", "distilled student")):
         if f"{key}_win_rate" in result:
             print(f"  judge win rate {label:<11} {result[f'{key}_win_rate']:.0%}")
-    if "distilled_minus_raw" in result:
-        print(f"  distilled - raw: {result['distilled_minus_raw']:+.3f}; "
-              f"keeps {result.get('distilled_keeps_of_teacher', float('nan')):.0%} of the teacher")
     if "decision" in result:
         print(f"  registry: {'champion' if result.get('promoted') else 'challenger'}: {result['decision']}")
     if result.get("report"):
         print(f"  report: {result['report']}")
     print("=" * 72)
+
+
+def verdict_lines(sets: dict) -> list[str]:
+    """Per held-out set: ROUGE-L per contender, then the three questions as paired differences [95% CI]."""
+    lines = []
+    for name, s in sets.items():
+        scores = "  ".join(f"{_SHORT.get(k, k)} {v:.3f}" for k, v in (s.get("rouge_l") or {}).items() if v is not None)
+        lines.append(f"{name} ({s.get('items')} items), ROUGE-L: {scores}")
+        for key, label in _QUESTIONS:
+            p = (s.get("paired") or {}).get(key)
+            if not p or not p.get("n"):
+                continue
+            verdict = p["verdict"] + (f" on {p['n']} items (~{p['n_needed']} needed)"
+                                      if p["verdict"] == "not distinguishable" and p.get("n_needed") else "")
+            lines.append(f"  {label:<21} {p['mean']:+.3f} [{p['lo']:+.3f}, {p['hi']:+.3f}]  {verdict}")
+        k = s.get("keeps_of_teacher") or {}
+        if k.get("ratio") is not None and k["ratio"] == k["ratio"]:
+            lines.append(f"  {'keeps of the teacher':<21} {k['ratio']:.0%} [{k['lo']:.0%}, {k['hi']:.0%}]")
+    return lines
 
 
 def cmd_dedupe(args: argparse.Namespace) -> int:
@@ -143,7 +168,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     if cfg.train.mix_gold:
         from pipeline.stages import gold_records
 
-        records += gold_records(cfg.train.mix_gold)
+        records += gold_records(cfg.train.mix_gold, cfg)[0]  # decontaminated like curated data
     result: dict = {"records": len(records), "data": str(data)}
     if args.grid:
         result["grid"] = kd_grid(cfg, records, out, temperatures=[float(t) for t in args.temperatures.split(",")],

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline import DATA_DIR, PROFILES_DIR
 from pipeline.errors import ConfigError
@@ -157,16 +157,63 @@ class TrainConfig(Strict):
     check_memory: bool = Field(True, description="Warn before training when the memory estimate exceeds what is free (RAM on CPU, GPU memory on CUDA).")
 
 
+class EvalSetConfig(Strict):
+    """One held-out set: every contender answers its items, and it gets its own table and paired verdicts."""
+
+    name: str = Field(description="Short name shown in the report, the summary and eval/outputs.jsonl (e.g. alpaca-dev).")
+    path: Path = Field(description="Held-out instructions with references: Alpaca JSON/JSONL (instruction, input, output) or Self-Instruct JSONL (instruction, instances).")
+    limit: int | None = Field(None, ge=1, description="Evaluate on the first N items of this set (null: evaluate.limit).")
+
+
+def _default_eval_sets() -> list[EvalSetConfig]:
+    # Two kinds of held-out set: Alpaca's dev split (the distribution the pipeline is tuned on) and a fixed slice of
+    # the human-written Self-Instruct seed tasks, which the generator never sees (seed tasks that are eval items are
+    # taken out of its seed pool) and which curate decontaminates against.
+    return [EvalSetConfig(name="alpaca-dev", path=DATA_DIR / "alpaca_dev.jsonl"),
+            EvalSetConfig(name="self-instruct-heldout", path=DATA_DIR / "self_instruct_heldout.jsonl")]
+
+
 class EvaluateConfig(Strict):
-    eval_set: Path = Field(DATA_DIR / "alpaca_dev.jsonl", description="Held-out instructions with references (Alpaca JSON/JSONL).")
-    limit: int = Field(30, ge=1, description="Evaluate on the first N items of the set.")
+    eval_sets: list[EvalSetConfig] = Field(default_factory=_default_eval_sets, min_length=1, description="Held-out sets, each reported side by side (the first is the primary one the registry's guard metrics come from). Every set is removed from the generator's seed pool and decontaminated against in curate and in the gold training data. The older single-file key evaluate.eval_set: FILE still works and means one set.")
+    limit: int = Field(30, ge=1, description="Evaluate on the first N items of each set (a set's own limit wins).")
     max_new_tokens: int = Field(128, ge=8, description="Max new tokens per answer, for every contender.")
     batch_size: int = Field(8, ge=1, description="Batched generation size for the students.")
-    bootstrap_samples: int = Field(1000, ge=100, description="Bootstrap resamples for confidence intervals.")
+    bootstrap_samples: int = Field(1000, ge=100, description="Bootstrap resamples for confidence intervals and paired differences.")
     judge: TeacherConfig | None = Field(None, description="Pairwise LLM judge (any teacher backend, same keys as teacher:); null skips the judge. The embedded 135M model answers in format but cannot tell answers apart ('I don't know.' won 42% against the reference), so the CPU demo leaves it off.")
     judge_baseline: Literal["reference", "teacher"] = Field("reference", description="What each contender's answer is judged against: the eval set's reference answer or the teacher's.")
     perplexity: bool = Field(True, description="Perplexity of the reference answers under each student (response tokens only).")
-    gold_student: bool = Field(False, description="Also train a student on as many gold Alpaca records as were accepted, and evaluate it.")
+    gold_student: bool = Field(True, description="Also train the student on the original data (gold_train), same method, steps and number of examples as the distilled one, decontaminated like curated data, and evaluate it: does distillation beat simply training on the original data?")
+    gold_train: Path = Field(DATA_DIR / "alpaca_gold_train.jsonl", description="The original data for the gold-trained student and train.mix_gold (Alpaca JSON/JSONL: instruction, input, output); the embedded default is Alpaca's train split.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_eval_set(cls, data: Any) -> Any:
+        # The older single-file form, evaluate.eval_set: FILE, means one set named after the file.
+        if isinstance(data, dict) and "eval_set" in data:
+            if "eval_sets" in data:
+                raise ValueError("give evaluate.eval_sets (a list of {name, path, limit}) or the older evaluate.eval_set "
+                                 "(one file), not both")
+            path = data["eval_set"]
+            data = {k: v for k, v in data.items() if k != "eval_set"}
+            data["eval_sets"] = [{"name": Path(str(path)).stem or "eval", "path": path}]
+        return data
+
+    @field_validator("eval_sets")
+    @classmethod
+    def _unique_names(cls, v: list[EvalSetConfig]) -> list[EvalSetConfig]:
+        names = [s.name for s in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"eval set names must be unique (got {names})")
+        return v
+
+    @property
+    def eval_set(self) -> Path:
+        """The primary (first) eval set's file, for code that reads one set."""
+        return self.eval_sets[0].path
+
+    def set_limit(self, s: EvalSetConfig) -> int:
+        """How many items of set `s` are evaluated."""
+        return s.limit or self.limit
 
     @field_validator("judge")
     @classmethod
@@ -182,7 +229,7 @@ class RetrainConfig(Strict):
 
     cron: str = Field("0 3 * * 1", description="When distill/retrain runs (cron, 5 fields; default Mondays 03:00).")
     timezone: str = Field("UTC", description="IANA timezone of the cron schedule, e.g. Europe/Berlin.")
-    metric: str = Field("rouge_l", description="Metric a challenger must beat the champion on (higher is better), by more than its 95% CI half-width.")
+    metric: str = Field("rouge_l", description="Per-item metric a challenger must beat the champion on: rouge_l or win_rate (judged runs). Promotion needs a paired 95% bootstrap interval of challenger - champion on the eval items both answered that excludes 0; no shared items, no promotion.")
     guards: dict[str, float] = Field(default_factory=lambda: {"tokens_per_s": 0.3}, description="Other metrics and the relative regression each may show (0.3 = 30% worse) before a promotion is refused; latency_s/perplexity count lower as better.")
 
     @field_validator("cron")
