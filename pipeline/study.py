@@ -43,7 +43,7 @@ QUESTIONS = {
 # The default budget: small enough that the default grid (13 trained cells) finishes in under an hour on 2 CPU
 # cores with the embedded default (README, `distill study`). A key given with --set wins; --budget profile keeps
 # the profile's own settings instead.
-SMALL_BUDGET = ("train.max_steps=16", "train.max_length=256", "evaluate.limit=40", "evaluate.max_new_tokens=96")
+SMALL_BUDGET = ("train.max_steps=24", "evaluate.limit=40", "evaluate.max_new_tokens=96")
 
 
 @dataclass
@@ -152,16 +152,18 @@ def _fingerprint(records: list[Record]) -> str:
 
 def cell_key(cell: Cell, cfg: RunConfig, data_fp: dict[str, str]) -> str:
     """A hash of everything that decides the cell's result; two cells with the same key are the same experiment."""
-    ev = cfg.evaluate.model_dump(mode="json", exclude={"bootstrap_samples", "judge", "judge_baseline", "perplexity",
-                                                       "gold_student"})
+    # Settings left at their defaults are left out, so a key added to the config later (with a default that keeps
+    # the old behaviour) does not orphan the cells a study already saved.
+    ev = cfg.evaluate.model_dump(mode="json", exclude_defaults=True, exclude={
+        "bootstrap_samples", "judge", "judge_baseline", "perplexity", "gold_student"})
     parts: dict[str, Any] = {"data": cell.data, "evaluate": ev}
     if cell.data == "teacher":
         parts["teacher"] = cfg.teacher.model_dump(mode="json", include={"backend", "model", "base_url"})
     else:
-        parts["student"] = cfg.student.model_dump(mode="json")
+        parts["student"] = cfg.student.model_dump(mode="json", exclude_defaults=True)
     if cell.data in data_fp:
         parts["records"] = data_fp[cell.data]
-        parts["train"] = cfg.train.model_dump(mode="json", exclude={"merge", "check_memory"})
+        parts["train"] = cfg.train.model_dump(mode="json", exclude_defaults=True, exclude={"merge", "check_memory"})
     blob = json.dumps(parts, sort_keys=True)
     return f"{cell.data}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
@@ -316,7 +318,7 @@ def run_study(cfg: RunConfig, records: list[Record], out_dir: Path, options: Stu
         "budget": {"max_steps": cfg.train.max_steps, "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size,
                    "grad_accum": cfg.train.grad_accum, "max_length": cfg.train.max_length},
         "student": {"source": cfg.student.source, "drop_layers": cfg.student.drop_layers, "base_cut": plan.base_cut,
-                    "layers_left": _layers_left(plan.base_cut, cfg) if plan.base_cut and plan.cuts else None},
+                    "layers_left": _layers_left(plan.base_cut, cfg) if plan.base_cut else None},
         "kd": {"alpha": cfg.train.kd_alpha, "temperature": cfg.train.kd_temperature},
         "placement_available": placement_available(), "methods_available": available_methods(),
         "plan": [{**asdict(c), "key": plan.keys[c]} for c in plan.cells], "cells": results, "cuts": cut_rows,
@@ -351,7 +353,8 @@ def _cut_row(cfg: RunConfig, distilled: list[Record], out_dir: Path, cut: str, d
     from pipeline.train.ablation import cut_depth
 
     # cut_depth names its cells by cut only, so its folder carries a hash of the settings that decide them.
-    setting = json.dumps([data_fp, cfg.train.model_dump(mode="json", exclude={"merge", "check_memory", "method"}),
+    setting = json.dumps([data_fp, cfg.train.model_dump(mode="json", exclude_defaults=True,
+                                                        exclude={"merge", "check_memory", "method"}),
                           cfg.evaluate.model_dump(mode="json", include={"eval_set", "limit", "max_new_tokens"}),
                           cfg.student.cut_from], sort_keys=True, default=str)
     folder = out_dir / "cuts" / hashlib.sha256(setting.encode()).hexdigest()[:12]
@@ -514,7 +517,8 @@ def render_markdown(study: dict[str, Any]) -> str:
              f"wall time {study['wall_s'] / 60:.1f} min.", "",
              "Every difference below is paired over the same eval items (bootstrap of the per-item differences, "
              f"{study['bootstrap_samples']} resamples, 95% interval): **better** only when the interval excludes 0, "
-             "\"n.d.\" = not distinguishable on these items.", ""]
+             "\"n.d.\" = not distinguishable on these items. The intervals cover the choice of eval items, not "
+             "training noise: each cell is one training run with one seed (train.seed).", ""]
     ref = f"Raw student {_ci(f['raw_student'])}" + (f"; teacher {_ci(f['teacher'])}" if f.get("teacher") else "") + "."
     lines += [ref, ""]
     if f.get("answers"):

@@ -203,3 +203,11 @@ def test_study_on_tiny_student_resumes_after_kill(tmp_path):
     assert row["distilled_vs_gold"]["n"] == 3 and row["distilled_vs_gold"]["verdict"] in (
         "better", "worse", "not distinguishable")
     assert (out / "q1_data.png").exists() and "train.max_steps=2" in (out / "study.md").read_text()
+
+
+def test_study_without_a_data_source_names_both_options(capsys):
+    from pipeline.cli import main
+
+    assert main(["study", "--profile", "cpu-demo"]) == 2
+    err = capsys.readouterr().err
+    assert "--run-id ID" in err and "--data FILE" in err
