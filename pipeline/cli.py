@@ -181,6 +181,25 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from pipeline.study import StudyOptions, budget_overrides, load_inputs, run_study, summary_lines
+
+    def names(text: str) -> tuple[str, ...]:
+        return tuple(x.strip() for x in text.replace(";", ",").split(",") if x.strip())
+
+    overrides = budget_overrides(args.set, args.budget)
+    cfg, records, data, out = load_inputs(args.run_id, args.runs_dir, args.data, args.profile, overrides, args.out)
+    options = StudyOptions(questions=tuple(f"q{q.lstrip('qQ')}" for q in names(args.questions)),
+                           methods=names(args.methods), targets=names(args.targets), layers=names(args.layers),
+                           cuts=tuple(c.strip() for c in args.cuts.split(";") if c.strip()), teacher=args.teacher)
+    command = "distill " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["study"] else "distill study"
+    study = run_study(cfg, records, out, options, source={"data": str(data), "run_id": args.run_id,
+                                                          "command": command, "overrides": overrides})
+    print("\n".join(summary_lines(study)))
+    print(f"study written to {out / 'study.md'}")
+    return 0
+
+
 def cmd_browse(args: argparse.Namespace) -> int:
     from pipeline.browse import serve
 
@@ -255,6 +274,28 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--cut-alpha", type=float, default=0.5, help="KD alpha for the layer-cut table")
     a.add_argument("--cut-temperature", type=float, default=2.0, help="KD temperature for the layer-cut table")
     a.set_defaults(func=cmd_ablate)
+
+    st = sub.add_parser("study", help="one report on three questions: distilled vs gold data, where adapters help, "
+                                      "how many layers can go (paired verdicts, resumable cells)")
+    st.add_argument("--run-id", help="use this run's accepted data and saved config")
+    st.add_argument("--runs-dir", default="runs")
+    st.add_argument("--data", help="an accepted.parquet to study instead of a run's (config from --profile)")
+    st.add_argument("--profile", default=None, help="profile for --data (default: cpu-demo)")
+    st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key for every cell, e.g. --set train.max_steps=32 (repeatable)")
+    st.add_argument("--budget", choices=["small", "profile"], default="small",
+                    help="small (default): a CPU-sized budget (train.max_steps=24, 40 eval items, 96 new tokens) "
+                         "under your --set keys; profile: the config's own settings")
+    st.add_argument("--out", help="output folder (default: the run's study/, or ./study); rerun to resume")
+    st.add_argument("--questions", default="1,2,3", help="which questions: 1 data, 2 placement, 3 cuts")
+    st.add_argument("--methods", default="sft,kd", help="Q1: train.method values to compare gold vs distilled with")
+    st.add_argument("--targets", default="attention,mlp,all-linear", help="Q2: train.lora_target values")
+    st.add_argument("--layers", default="early,middle,late", help="Q2: train.lora_layers values")
+    st.add_argument("--cuts", default="middle:10", help="Q3: extra layer cuts separated by ';' (the student's own "
+                                                        "cut is always a row), e.g. 'middle:10;20-29'")
+    st.add_argument("--teacher", action=argparse.BooleanOptionalAction, default=True,
+                    help="score the teacher too (the reference Q3's cuts are compared with)")
+    st.set_defaults(func=cmd_study)
 
     from pipeline.evaluate.cli import add_evaluate_parser
 

@@ -364,6 +364,17 @@ def load_config(profile: str | None = None, config_file: str | Path | None = Non
         raise ConfigError(_describe(e, source)) from None
 
 
+def with_overrides(cfg: RunConfig, overrides: list[str], source: str = "the resolved config") -> RunConfig:
+    """A validated copy of cfg with dotted key=value overrides applied (the syntax of --set)."""
+    data = cfg.model_dump(mode="json")
+    for item in overrides:
+        _set_dotted(data, item)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, f"{source} (with overrides {list(overrides)})")) from None
+
+
 def dump_config(cfg: RunConfig) -> str:
     """The resolved config as YAML (no secrets are ever in it: keys come from the environment)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

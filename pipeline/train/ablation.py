@@ -30,7 +30,9 @@ def _score(student_dir: Path, adapter_dir: Path | None, cfg: RunConfig) -> dict[
     answers = student_answers(student_dir, items, ev.max_new_tokens, ev.batch_size, adapter_dir=adapter_dir,
                               label=str(adapter_dir or student_dir))
     scores = score_contender(items, answers["answers"], ev.bootstrap_samples)
-    return {"rouge_l": scores["rouge_l"], "rouge_l_ci": scores["rouge_l_ci"], "items": len(items)}
+    # Per-item scores are kept so that any two cells on the same items can be compared pairwise.
+    return {"rouge_l": scores["rouge_l"], "rouge_l_ci": scores["rouge_l_ci"], "items": len(items),
+            "item_ids": [it.id for it in items], "per_item": scores["per_item"]}
 
 
 def _cell(out_dir: Path, name: str, work: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
@@ -95,12 +97,13 @@ def cut_depth(cfg: RunConfig, records: list[Record], out_dir: Path, cuts: list[s
         student_dir = resolve_student("embedded-cut", cut, cfg.student.cut_from)
         tag = str(cut).replace(" ", "").replace(":", "").replace(",", "_").strip("[]")
         raw = _cell(out_dir, f"cut-{tag}-raw", lambda _: _score(student_dir, None, cfg))
-        row = {"cut": cut, "raw": raw["rouge_l"], "raw_ci": raw.get("rouge_l_ci")}
+        row = {"cut": cut, "raw": raw["rouge_l"], "raw_ci": raw.get("rouge_l_ci"), "raw_per_item": raw.get("per_item")}
         for method in ("sft", "kd"):
             a = 1.0 if method == "sft" else alpha
             cell = _cell(out_dir, f"cut-{tag}-{method}", _train_and_score(student_dir, records, cfg, teacher_dir,
                                                                          method, a, temperature))
             row[method], row[f"{method}_ci"] = cell["rouge_l"], cell.get("rouge_l_ci")
+            row[f"{method}_per_item"] = cell.get("per_item")
         rows.append(row)
 
     def shown(r: dict, key: str) -> str:
