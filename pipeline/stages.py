@@ -45,6 +45,11 @@ def preflight(cfg: RunConfig) -> None:
         resolve_gguf(cfg.teacher.model)
     if cfg.student.source == "embedded-cut":
         resolve_gguf(cfg.student.cut_from)
+    for scorer in cfg.curate.quality:
+        if scorer.scorer == "reward":  # a configured reward model that is not there stops the run before generation
+            from pipeline.curate.quality import require_reward_model
+
+            require_reward_model(scorer.model)
     from pipeline import teachers
     from pipeline.errors import ConfigError
 
@@ -114,22 +119,52 @@ def curate_stage(run: Run) -> dict[str, Any]:
     eval_items = load_eval_set(cfg.evaluate.eval_set)  # the whole set, not just the evaluated slice
     prior = [t for d in cc.prior_datasets for t in load_pool(Path(d) / "near_dup_pool.npz")]
     accepted, rejected = curate(records, cc, seeds, [f"{e.instruction} {e.input}" for e in eval_items], prior)
+    quality = None
+    if cc.quality or cc.select is not None:  # model-based scorers and selection, after the rules and near-duplicates
+        accepted, dropped, quality = quality_stage(run, accepted)
+        rejected = rejected + dropped
     reasons = reject_counts(rejected)
     stats = diversity_stats(accepted, seeds, cc.top_leading_verbs)
     folder = run.save_dataset("curated", accepted, rejected, {
         "parents": [str(d) for d in cc.prior_datasets], "teacher": f"{cfg.teacher.backend}:{cfg.teacher.model}",
         "stage_counts": stage_counts(len(records), accepted, rejected), "reject_reasons": reasons,
         "decontamination": contamination_report(rejected, len(eval_items), cc), "diversity": stats,
+        **({"quality": quality} if quality else {}),
         "files": {"alpaca_jsonl": "accepted.alpaca.jsonl", "near_dup_pool": "near_dup_pool.npz",
-                  "plots": ["rouge_to_seeds.png", "lengths.png", "leading_verbs.png"]}})
+                  "plots": ["rouge_to_seeds.png", "lengths.png", "leading_verbs.png"]
+                  + (["quality_scores.png"] if quality else [])}})
     # Extras beside the version's own files: Alpaca-format export, plots, and the kept pool that a later
     # version dedupes against (prior_datasets).
     export_alpaca_jsonl(accepted, folder / "accepted.alpaca.jsonl")
     plot_stats(stats, folder)
+    if quality:
+        from pipeline.curate.quality import plot_scores
+
+        plot_scores(quality["distribution"], folder / "quality_scores.png")
     pool = (seeds if cc.dedupe_against_seeds else []) + prior + [r.instruction for r in accepted]
     save_pool(folder / "near_dup_pool.npz", list(dict.fromkeys(pool)), cc.rouge_threshold)
     log.info("curate: %d accepted, %d rejected %s", len(accepted), len(rejected), reasons)
     return _read_json(final)
+
+
+def quality_stage(run: Run, accepted: list[Record]) -> tuple[list[Record], list[Record], dict[str, Any]]:
+    """curate.quality scorers then curate.select over the accepted records; the judge books its calls on a ledger
+    that already holds what generation spent, so the run's budget covers both."""
+    from pipeline.curate.quality import QualityContext, apply_quality, score_distribution
+    from pipeline.teachers.base import StageTally
+
+    cfg = run.cfg
+    ledger = _ledger(cfg)
+    spent = _read_json(run.path("generate.json")).get("ledger", {}) if run.path("generate.json").exists() else {}
+    for stage, tally in spent.items():
+        if stage != "total":
+            ledger.stages[stage] = StageTally(**tally)
+    ctx = QualityContext(cfg.teacher, teacher_cache_path(cfg), ledger,
+                         lambda: resolve_student(cfg.student.source, cfg.student.drop_layers, cfg.student.cut_from))
+    kept, dropped, report = apply_quality(accepted, cfg.curate, ctx)
+    report["distribution"] = score_distribution(kept, dropped)
+    report["ledger"] = {k: v for k, v in ledger.as_dict().items() if k not in spent}
+    return kept, dropped, report
 
 
 def train_stage(run: Run) -> dict[str, Any]:
@@ -214,7 +249,8 @@ def evaluate_stage(run: Run) -> dict[str, Any]:
 def report_stage(run: Run, generation: dict, curation: dict, training: dict, evaluation: dict) -> dict[str, Any]:
     """report.md/json/png, then mark the run completed in its status and the catalog."""
     ledger: dict[str, Any] = {}
-    for part in (generation.get("ledger", {}), evaluation.get("ledger", {})):
+    for part in (generation.get("ledger", {}), (curation.get("quality") or {}).get("ledger", {}),
+                 evaluation.get("ledger", {})):
         ledger.update({k: v for k, v in part.items() if k != "total"})
     results = {"run_id": run.id, "generation": generation, "curation": curation, "training": training,
                "evaluation": {k: v for k, v in evaluation.items() if k != "ledger"}, "ledger": ledger}
