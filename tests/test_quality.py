@@ -251,3 +251,20 @@ def test_curate_stage_saves_scores_distribution_plot_and_exports_them(tmp_path, 
     export_version(folder, "jsonl", str(out))
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["ifd"] for r in rows] == pytest.approx([r.ifd for r in accepted])
+
+
+def test_scores_round_trip_through_parquet_and_older_files_still_load(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.store import load_records, save_records
+
+    scored = [rec("Explain tides briefly.", ifd=0.71, judge_score=4.0, judge_reason="Clear.", quality_score=0.5),
+              rec("Name a bird.")]
+    save_records(tmp_path / "new.parquet", scored)
+    assert load_records(tmp_path / "new.parquet") == scored
+    old = {k: v for k, v in rec("Name a fish.").model_dump().items()
+           if k not in ("judge_score", "judge_reason", "ifd", "reward_score", "quality_score", "teacher_logprobs")}
+    pq.write_table(pa.Table.from_pylist([old]), tmp_path / "old.parquet")  # written before scores existed
+    loaded = load_records(tmp_path / "old.parquet")[0]
+    assert loaded.instruction == "Name a fish." and loaded.ifd is None and loaded.quality_score is None
