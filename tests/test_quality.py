@@ -164,6 +164,7 @@ def test_reward_model_configured_but_missing_is_a_clear_error(tmp_path):
         preflight(cfg)
 
 
+@pytest.mark.slow  # builds and saves a reward model: tens of seconds on 2 cores
 def test_reward_scorer_on_a_tiny_real_reward_model(tiny_student, tmp_path):
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
@@ -228,6 +229,7 @@ def test_keep_fraction_keeps_ties_together_and_ranks_are_tie_aware():
 
 # --- the curate stage -------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # a generate + curate run with IFD on the tiny student
 def test_curate_stage_saves_scores_distribution_plot_and_exports_them(tmp_path, fake_server):
     from pipeline.curate.export import export_version
     from pipeline.stages import curate_stage, generate_stage
