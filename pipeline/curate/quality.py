@@ -342,7 +342,7 @@ def apply_quality(accepted: list[Record], cfg: CurateConfig, ctx: QualityContext
     steps: list[dict[str, Any]] = []
     for sc in cfg.quality:
         before = len(kept)
-        kept, dropped = SCORERS[sc.scorer](kept, sc, ctx)
+        kept, dropped = SCORERS[sc.scorer](kept, sc, ctx) if kept else (kept, [])  # nothing left: load no model
         rejected += dropped
         steps.append({"scorer": sc.scorer, "scored": before, "rejected": len(dropped),
                       "reasons": dict(Counter(r.reject_reason for r in dropped)), "kept": len(kept)})
