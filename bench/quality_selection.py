@@ -31,7 +31,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from pipeline.config import IFDScorerConfig, SelectConfig, load_config
-    from pipeline.curate.quality import ifd_scores, select
+    from pipeline.curate.quality import ifd_scores, plot_scores, score_distribution, select
     from pipeline.evaluate import load_eval_set, score_contender
     from pipeline.evaluate.contenders import student_answers
     from pipeline.evaluate.metrics import paired_difference
@@ -104,6 +104,10 @@ def main() -> None:
             + [f"--set {s}" for s in args.set]),
         "wall_s": round(time.perf_counter() - t0, 1)}
     atomic_write_json(out / "quality_selection.json", report)
+    # Where the IFD half sits in the distribution: kept (top half) vs the rest.
+    chosen = {r.id for r in top_ifd}
+    plot_scores(score_distribution([r for r in records if r.id in chosen], [r for r in records if r.id not in chosen]),
+                out / "quality_selection_ifd.png")
     lines = [f"ROUGE-L on {len(items)} dev items of students trained {args.steps} steps (batch {cfg.train.batch_size}) "
              f"on {len(records)} teacher-written records or a half of them; 95% bootstrap intervals.", "",
              "| training set | records | ROUGE-L |", "| --- | --- | --- |"]
