@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -104,6 +104,72 @@ class CurateConfig(Strict):
     decontaminate_threshold: float = Field(0.5, gt=0, le=1, description="Drop a record when this fraction of its instruction+input n-grams occurs in an eval item.")
     prior_datasets: list[Path] = Field(default_factory=list, description="Earlier dataset version folders (runs/<id>/datasets/curated): their saved near-duplicate pool counts as kept, so new data is deduped against every earlier version.")
     top_leading_verbs: int = Field(20, ge=1, description="How many leading verbs the diversity statistics list.")
+    quality: list[QualityScorer] = Field(default_factory=list, description="Model-based scorers applied in order after the rules and near-duplicates, each to the records still accepted: judge, ifd, reward (e.g. [{scorer: ifd, keep_fraction: 0.8}]). Scores are saved on every record.")
+    select: SelectConfig | None = Field(None, description="Keep the top records by combined score, per leading-verb bucket; the rest become rejects with reason not_selected. null: keep all.")
+
+    @model_validator(mode="after")
+    def _select_has_scores(self) -> "CurateConfig":
+        if self.select is not None and self.select.by != "random":
+            names = {q.scorer for q in self.quality}
+            if not names or (self.select.by != "quality" and self.select.by not in names):
+                raise ValueError(f"curate.select.by={self.select.by} needs "
+                                 f"{'a curate.quality scorer' if self.select.by == 'quality' else 'the ' + self.select.by + ' scorer in curate.quality'}"
+                                 f" (configured: {sorted(names) or 'none'}); add it, or use by: random")
+        return self
+
+
+class JudgeScorerConfig(Strict):
+    """AlpaGasus: a teacher rates each (instruction, input, output) 1-5 with a short reason."""
+
+    scorer: Literal["judge"] = Field("judge", description="Rate each record 1-5 with a short reason through a teacher backend (prompts/judge_rating.j2); same cache, ledger and budget as generation.")
+    teacher: TeacherConfig | None = Field(None, description="The judge (any teacher backend, same keys as teacher:); null: the run's own teacher.")
+    min_score: float | None = Field(4.0, ge=1, le=5, description="Reject records rated below this as low_judge_score (AlpaGasus kept 4.5 and up on 0-5); null: no threshold.")
+    keep_fraction: float | None = Field(None, gt=0, le=1, description="Then keep only this top fraction by rating (ties kept together); null: no fraction.")
+    max_tokens: int = Field(96, ge=8, description="Max new tokens of the judge's reply (a score line and a one-sentence reason).")
+
+
+class IFDScorerConfig(Strict):
+    """Cherry LLM (Li et al. 2023): instruction-following difficulty computed by a small local model."""
+
+    scorer: Literal["ifd"] = Field("ifd", description="IFD = loss(answer | instruction) / loss(answer alone) under a small local model, batched.")
+    model: str = Field("student", description="student: the configured student (before training); or a local HF checkpoint dir or hub id.")
+    max_ifd: float | None = Field(1.0, gt=0, description="Reject records with IFD >= this as low_ifd (at 1 the instruction does not help predict the answer); null: no threshold.")
+    keep_fraction: float | None = Field(None, gt=0, le=1, description="Then reject the bottom (1 - keep_fraction) by IFD as low_ifd; null: no fraction.")
+    batch_size: int = Field(8, ge=1, description="Records per forward pass.")
+    max_length: int = Field(512, ge=16, description="Token budget per record (prompt + answer); longer answers are cut to fit.")
+
+
+class RewardScorerConfig(Strict):
+    """A local reward model (a sequence-classification checkpoint with one output) scores each (prompt, answer)."""
+
+    scorer: Literal["reward"] = Field("reward", description="Score each record with a local reward model.")
+    model: str = Field(..., description="A local HF checkpoint dir (AutoModelForSequenceClassification, one label) with a chat template; a hub id only when online.")
+    min_score: float | None = Field(None, description="Reject records scored below this as low_reward; null: no threshold.")
+    keep_fraction: float | None = Field(None, gt=0, le=1, description="Then keep only this top fraction by reward; null: no fraction.")
+    batch_size: int = Field(8, ge=1, description="Records per forward pass.")
+    max_length: int = Field(512, ge=16, description="Tokens per record; longer ones are truncated.")
+
+
+QualityScorer = Annotated[Union[JudgeScorerConfig, IFDScorerConfig, RewardScorerConfig], Field(discriminator="scorer")]
+
+
+class SelectConfig(Strict):
+    """Keep the top records by combined quality score, stratified so no kind of instruction vanishes (DEITA-style)."""
+
+    keep_fraction: float | None = Field(None, gt=0, le=1, description="Keep this fraction of the records that passed every other check (give this or keep_top_n).")
+    keep_top_n: int | None = Field(None, ge=1, description="Keep this many records (give this or keep_fraction).")
+    by: str = Field("quality", description="Rank by: quality (the combined score of every scorer that ran), judge, ifd, reward, or random (no score: a stratified random sample).")
+    diversity: Literal["leading_verb", "none"] = Field("leading_verb", description="leading_verb: every leading-verb bucket keeps its share (at least one record) and the top records within it; none: the global top.")
+    bucket_min_size: int = Field(3, ge=1, description="leading_verb: verbs with fewer records than this share one bucket, so one-off verbs do not each claim a guaranteed slot.")
+    seed: int = Field(0, description="Seeds tie-breaks and the random choice; the same seed gives the same selection.")
+
+    @model_validator(mode="after")
+    def _one_size(self) -> "SelectConfig":
+        if (self.keep_fraction is None) == (self.keep_top_n is None):
+            raise ValueError("give exactly one of keep_fraction or keep_top_n")
+        if self.by not in ("quality", "judge", "ifd", "reward", "random"):
+            raise ValueError(f"by must be quality, judge, ifd, reward or random (got {self.by!r})")
+        return self
 
 
 class StudentConfig(Strict):

@@ -47,6 +47,11 @@ def preflight(cfg: RunConfig) -> None:
         resolve_gguf(cfg.teacher.model)
     if cfg.student.source == "embedded-cut":
         resolve_gguf(cfg.student.cut_from)
+    for scorer in cfg.curate.quality:
+        if scorer.scorer == "reward":  # a configured reward model that is not there stops the run before generation
+            from pipeline.curate.quality import require_reward_model
+
+            require_reward_model(scorer.model)
     from pipeline import teachers
     from pipeline.errors import ConfigError
 
@@ -132,6 +137,10 @@ def curate_stage(run: Run) -> dict[str, Any]:
     eval_items = eval_texts(cfg)  # every set, whole, not just the evaluated slice
     prior = [t for d in cc.prior_datasets for t in load_pool(Path(d) / "near_dup_pool.npz")]
     accepted, rejected = curate(records, cc, seeds, eval_items, prior)
+    quality = None
+    if cc.quality or cc.select is not None:  # model-based scorers and selection, after the rules and near-duplicates
+        accepted, dropped, quality = quality_stage(run, accepted)
+        rejected = rejected + dropped
     reasons = reject_counts(rejected)
     stats = diversity_stats(accepted, seeds, cc.top_leading_verbs)
 
@@ -142,15 +151,36 @@ def curate_stage(run: Run) -> dict[str, Any]:
         plot_stats(stats, folder)
         pool = (seeds if cc.dedupe_against_seeds else []) + prior + [r.instruction for r in accepted]
         save_pool(folder / "near_dup_pool.npz", list(dict.fromkeys(pool)), cc.rouge_threshold)
+        if quality:
+            from pipeline.curate.quality import plot_scores
+
+            plot_scores(quality["distribution"], folder / "quality_scores.png")
 
     run.save_dataset("curated", accepted, rejected, {
         "parents": [str(d) for d in cc.prior_datasets], "teacher": f"{cfg.teacher.backend}:{cfg.teacher.model}",
         "stage_counts": stage_counts(len(records), accepted, rejected), "reject_reasons": reasons,
         "decontamination": contamination_report(rejected, len(eval_items), cc), "diversity": stats,
+        **({"quality": quality} if quality else {}),
         "files": {"alpaca_jsonl": "accepted.alpaca.jsonl", "near_dup_pool": "near_dup_pool.npz",
-                  "plots": ["rouge_to_seeds.png", "lengths.png", "leading_verbs.png"]}}, extras=extras)
+                  "plots": ["rouge_to_seeds.png", "lengths.png", "leading_verbs.png"]
+                  + (["quality_scores.png"] if quality else [])}}, extras=extras)
     log.info("curate: %d accepted, %d rejected %s", len(accepted), len(rejected), reasons)
     return _read_json(final)
+
+
+def quality_stage(run: Run, accepted: list[Record]) -> tuple[list[Record], list[Record], dict[str, Any]]:
+    """curate.quality scorers then curate.select over the accepted records; the judge spends from the run's ledger,
+    so the run's one budget covers generation, judging and evaluation."""
+    from pipeline.curate.quality import QualityContext, apply_quality, score_distribution
+
+    cfg = run.cfg
+    ledger = run_ledger(run)
+    ctx = QualityContext(cfg.teacher, teacher_cache_path(cfg), ledger,
+                         lambda: resolve_student(cfg.student.source, cfg.student.drop_layers, cfg.student.cut_from))
+    kept, dropped, report = apply_quality(accepted, cfg.curate, ctx)
+    report["distribution"] = score_distribution(kept, dropped)
+    report["ledger"] = {k: v for k, v in ledger.as_dict().items() if k != "total"}
+    return kept, dropped, report
 
 
 def train_stage(run: Run) -> dict[str, Any]:
