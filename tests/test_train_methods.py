@@ -78,10 +78,11 @@ def test_hidden_state_term_is_zero_for_a_student_identical_to_its_teacher(studen
     # The untrained adapter adds nothing (LoRA B starts at 0), so student and teacher layers give the same outputs.
     cfg = TrainConfig(max_steps=1, batch_size=2, max_length=64, hidden_loss_weight=1.0, hidden_loss="mse")
     trainer, _ = build_trainer(student, records(), cfg, tmp_path, teacher_dir=student)
-    batch = trainer.data_collator([{k: ex[k] for k in ("input_ids", "completion_mask")}
+    batch = trainer.data_collator([{k: ex[k] for k in ex if k in ("input_ids", "completion_mask", "labels")}
                                    for ex in trainer.train_dataset])
+    batch = {k: v for k, v in batch.items() if torch.is_tensor(v) and k != "completion_mask"}
     trainer.model.train()
-    plain = trainer.model(**{k: v for k, v in batch.items() if k != "completion_mask"}).loss
+    plain = trainer.model(**batch).loss
     loss = trainer.compute_loss(trainer.model, dict(batch))
     assert trainer.hidden_map == [0, 1, 2, 3] and trainer.last_hidden_loss == pytest.approx(0.0, abs=1e-6)
     assert loss.item() == pytest.approx(plain.item(), rel=1e-4)
