@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline import DATA_DIR, PROFILES_DIR
 from pipeline.errors import ConfigError
@@ -155,6 +155,16 @@ class TrainConfig(Strict):
     merge: bool = Field(False, description="Also save the student with the LoRA adapter merged in (merged/), ready to serve.")
     padding_free: Literal["auto", "on", "off"] = Field("auto", description="Padding-free batching (examples packed whole into rows, no padding): auto = on for CUDA, off on CPU; on/off force it. Uses flash-attention when installed, else a block-diagonal sdpa mask.")
     check_memory: bool = Field(True, description="Warn before training when the memory estimate exceeds what is free (RAM on CPU, GPU memory on CUDA).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_key_names(cls, data: Any) -> Any:
+        # Runs saved before lora_target existed wrote target_modules into their config.yaml; they must still load.
+        if isinstance(data, dict) and "target_modules" in data:
+            data = dict(data)
+            old = data.pop("target_modules")
+            data.setdefault("lora_target", old)
+        return data
 
 
 class EvaluateConfig(Strict):

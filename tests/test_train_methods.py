@@ -34,6 +34,8 @@ def test_unknown_method_lists_the_known_ones():
 
 
 def test_lora_placement_keys():
+    # A run saved before train.lora_target existed (its config.yaml says target_modules) still loads.
+    assert TrainConfig.model_validate({"target_modules": ["q_proj"]}).lora_target == ["q_proj"]
     assert lora_target_modules("attention") == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert lora_target_modules("mlp") == ["gate_proj", "up_proj", "down_proj"]
     assert lora_target_modules(["q_proj"]) == ["q_proj"] and lora_target_modules("all-linear") == "all-linear"
