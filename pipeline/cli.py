@@ -148,6 +148,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.errors import ConfigError
     from pipeline.store import load_records
+    import yaml
+
     from pipeline.train.ablation import cut_depth, kd_grid
 
     if bool(args.run_id) == bool(args.data):
@@ -174,8 +176,24 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         result["grid"] = kd_grid(cfg, records, out, temperatures=[float(t) for t in args.temperatures.split(",")],
                                  alphas=[float(a) for a in args.alphas.split(",")])
     if args.cuts:
-        result["cut_depth"] = cut_depth(cfg, records, out, [c.strip() for c in args.cuts.split(";") if c.strip()],
-                                        alpha=args.cut_alpha, temperature=args.cut_temperature)
+        overrides: dict[str, dict] = {}
+        for item in args.method_set:  # 'on-policy:max_steps=30' -> train.max_steps=30 for that contender only
+            spec, _, kv = item.partition(":")
+            key, _, value = kv.partition("=")
+            if not key or not value:
+                raise ConfigError(f"--method-set {item!r} must look like CONTENDER:KEY=VALUE, e.g. on-policy:max_steps=30.")
+            overrides.setdefault(spec.strip(), {})[key.strip()] = yaml.safe_load(value)
+        rows = cut_depth(cfg, records, out, [c.strip() for c in args.cuts.split(";") if c.strip()],
+                         alpha=args.cut_alpha, temperature=args.cut_temperature,
+                         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                         hidden_weight=args.hidden_weight, method_overrides=overrides)
+        result["cut_depth"] = [{k: r.get(k) for k in ("cut", "contender", "rouge_l", "perplexity", "hit_limit",
+                                                      "train_wall_s")} for r in rows]
+        for r in rows:
+            if r.get("vs_sft"):
+                d = r["vs_sft"]
+                print(f"cut {r['cut']}: {r['contender']} - sft = {d['mean']:+.4f} ROUGE-L "
+                      f"[{d['lo']:+.4f}, {d['hi']:+.4f}] over {d['n']} items ({d['verdict']})")
     print(json.dumps(result, indent=2, default=str))
     print(f"ablation written to {out}")
     return 0
@@ -259,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--n-ctx", type=int, default=2048)
     t.set_defaults(func=cmd_teacher_server)
 
-    a = sub.add_parser("ablate", help="logit-distillation ablation over T x alpha, and KD vs SFT over layer cuts")
+    a = sub.add_parser("ablate", help="logit-distillation ablation over T x alpha, and distillation methods per layer cut")
     a.add_argument("--run-id", help="use this run's accepted data and saved config")
     a.add_argument("--runs-dir", default="runs")
     a.add_argument("--data", help="an accepted.parquet to train on instead of a run's (config from --profile)")
@@ -273,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--cuts", help="layer cuts separated by ';', e.g. '12-17;middle:10;every:2'")
     a.add_argument("--cut-alpha", type=float, default=0.5, help="KD alpha for the layer-cut table")
     a.add_argument("--cut-temperature", type=float, default=2.0, help="KD temperature for the layer-cut table")
+    a.add_argument("--methods", default="sft,kd", help="contenders per cut beside the raw student: sft, kd, on-policy, "
+                   "each optionally +hidden (the hidden-state term), e.g. 'sft,kd,on-policy,sft+hidden'")
+    a.add_argument("--hidden-weight", type=float, default=1.0, help="train.hidden_loss_weight of the +hidden contenders")
+    a.add_argument("--method-set", action="append", default=[], metavar="CONTENDER:KEY=VALUE",
+                   help="a train.* override for one contender, e.g. on-policy:max_steps=30 (repeatable)")
     a.set_defaults(func=cmd_ablate)
 
     st = sub.add_parser("study", help="one report on three questions: distilled vs gold data, where adapters help, "

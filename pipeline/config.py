@@ -222,6 +222,16 @@ class TrainConfig(Strict):
     padding_free: Literal["auto", "on", "off"] = Field("auto", description="Padding-free batching (examples packed whole into rows, no padding): auto = on for CUDA, off on CPU; on/off force it. Uses flash-attention when installed, else a block-diagonal sdpa mask.")
     check_memory: bool = Field(True, description="Warn before training when the memory estimate exceeds what is free (RAM on CPU, GPU memory on CUDA).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_key_names(cls, data: Any) -> Any:
+        # Runs saved before lora_target existed wrote target_modules into their config.yaml; they must still load.
+        if isinstance(data, dict) and "target_modules" in data:
+            data = dict(data)
+            old = data.pop("target_modules")
+            data.setdefault("lora_target", old)
+        return data
+
 
 class EvalSetConfig(Strict):
     """One held-out set: every contender answers its items, and it gets its own table and paired verdicts."""

@@ -17,7 +17,7 @@ from pipeline.store import atomic_write_json, atomic_write_text
 log = logging.getLogger("distill")
 
 # Per-item numbers kept out of the summary (they go to outputs.jsonl).
-_PER_ITEM = ("answers", "per_item", "nll")
+_PER_ITEM = ("answers", "per_item", "nll", "answer_tokens")
 
 
 def gguf_params(path: Path) -> int | None:
