@@ -97,7 +97,7 @@ def test_curate_reasons_order_and_near_duplicates():
     assert [r.instruction for r in rejected] == [records[i].instruction for i in (1, 2, 3, 6, 7)]
     counts = stage_counts(len(records), accepted, rejected)
     assert counts == {"input": 8, "filters_or_upstream": 3, "exact_duplicates": 1, "decontamination": 0,
-                      "near_duplicates": 1, "accepted": 3}
+                      "near_duplicates": 1, "quality": 0, "selection": 0, "accepted": 3}
 
 
 def test_seeds_count_as_kept_unless_disabled():

@@ -15,8 +15,13 @@ exact, and teacher replies (KBs) are small next to the model traffic.
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
+import sys
+from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -26,20 +31,33 @@ from pipeline.config import ScaleConfig, TeacherConfig
 from pipeline.errors import ConfigError
 from pipeline.teachers.base import Completion, Ledger, Request, ResponseCache
 
+log = logging.getLogger(__name__)
+
 
 # No Prefect result caching or retries here: the response cache already makes a re-run free, and a
 # failed shard is reported per request so the stage keeps its rejects-with-reason contract.
 @task(name="answer-shard", cache_policy=NO_CACHE, persist_result=False)
-def answer_shard(teacher_cfg: TeacherConfig, cache_path: str, shard: list[Request]) -> list[Completion]:
-    """Answer one shard on a worker with its own backend; replies land in the shared cache as they come."""
+def answer_shard(teacher_cfg: TeacherConfig, cache_path: str, shard: list[Request]) -> dict[str, Any]:
+    """Answer one shard on a worker with its own backend; replies land in the shared cache as they come.
+
+    Returns {"replies": [...], "worker": where it ran}."""
     from pipeline.teachers import make_teacher
 
     # The worker's ledger has no budget: the driver enforces it between waves of shards.
     teacher = make_teacher(teacher_cfg, Path(cache_path), Ledger())
     try:
-        return teacher.generate(shard)
+        return {"replies": teacher.generate(shard), "worker": worker_identity()}
     finally:
         teacher.close()
+
+
+def worker_identity() -> dict[str, Any]:
+    """Host, process and (under Ray) node id of the calling worker: which machines really did the work."""
+    ident: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid()}
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ident["ray_node"] = ray.get_runtime_context().get_node_id()
+    return ident
 
 
 def make_task_runner(scale: ScaleConfig):
@@ -80,6 +98,8 @@ class FanOutTeacher:
         self.cache = ResponseCache(self.cache_path)
         self.ledger = ledger or Ledger.for_teacher(teacher_cfg)
         self.scale = scale
+        # (host, pid, ray node) -> requests its shards answered; logged at close, read by tests and benchmarks.
+        self.workers: Counter[tuple] = Counter()
         self._runner = None  # started on first use and kept: a Ray or Dask cluster takes seconds to start
 
     def _task_runner(self):
@@ -130,7 +150,10 @@ class FanOutTeacher:
         for fut in as_completed(list(futures)):
             shard = futures[fut]
             try:
-                replies = fut.result()
+                answer = fut.result()
+                replies = answer["replies"]
+                w = answer["worker"]
+                self.workers[(w["host"], w["pid"], w.get("ray_node"))] += len(shard)
             except Exception as exc:  # a lost worker or a crashed shard: its requests are retried next run
                 replies = [Completion(error=f"shard failed on its worker: {type(exc).__name__}: {exc}")] * len(shard)
             for i, c in zip(shard, replies):
@@ -141,6 +164,10 @@ class FanOutTeacher:
 
     def close(self) -> None:
         """Shut the task runner down (a local Ray or Dask cluster this teacher started goes with it)."""
+        if self.workers:
+            log.info("fan-out: %d requests answered by %d worker processes on %d hosts (%d Ray nodes)",
+                     sum(self.workers.values()), len(self.workers), len({w[0] for w in self.workers}),
+                     len({w[2] for w in self.workers if w[2]}))
         if self._runner is not None:
             runner, self._runner = self._runner, None
             runner.__exit__(None, None, None)

@@ -59,6 +59,10 @@ class FakeOpenAIServer:
     seed: int = 0
     timeout_sleep_s: float = 3.0
     requests: Counter = field(default_factory=Counter)  # prompt/messages digest -> times received
+    answered: Counter = field(default_factory=Counter)  # digest -> full replies sent (what a real API bills)
+    # Called with (digest, client (host, port)) once a request is received; returning True drops the connection
+    # without a reply (used to kill the calling worker mid-shard).
+    on_request: Callable[[str, tuple | None], bool] | None = None
     faults_served: Counter = field(default_factory=Counter)
     latency_s: float = 0.0
     retry_after_s: float = 0.05
@@ -143,6 +147,9 @@ class FakeOpenAIServer:
         with self._lock:
             self.requests[key] += 1
             self.keys_seen[token] += 1
+        if self.on_request is not None and self.on_request(key, (request.client.host, request.client.port)
+                                                           if request.client else None):
+            return _DroppedResponse()
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
         fault = self._pick_fault(key)
@@ -165,7 +172,10 @@ class FakeOpenAIServer:
             return _DroppedResponse()
         if fault == "malformed":
             return PlainTextResponse('{"id": "x", "choices": [', media_type="application/json")
-        return JSONResponse(self._reply(body, kind, key, truncated=fault == "length"))
+        reply = self._reply(body, kind, key, truncated=fault == "length")
+        with self._lock:
+            self.answered[key] += 1
+        return JSONResponse(reply)
 
     def billed_usd(self, price_per_1m_input: float, price_per_1m_output: float, model: str | None = None) -> float:
         """The bill for every reply served so far (to one model, if named), at the given prices; faults are free."""
