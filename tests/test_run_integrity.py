@@ -94,6 +94,11 @@ def trained_run(runs_dir: Path, run_id: str, score: float, finetune: str = "lora
     saved = run.path("model" if finetune == "full" else "adapter")
     saved.mkdir()
     (saved / "model.safetensors").write_text(f"weights of {run_id}")
+    run.path("eval").mkdir()  # per-item scores: the promotion rule pairs models on the items both answered
+    run.path("eval", "outputs.jsonl").write_text("".join(
+        json.dumps({"eval_set": "dev", "id": f"item-{i}", "instruction": f"instruction {i}", "input": "",
+                    "distilled_student": "an answer", "distilled_student_rouge_l": score + 0.01 * (i % 3)}) + "\n"
+        for i in range(30)))
     evaluation = {"eval_set": "dev", "items": 30,
                   "distilled_student": {"rouge_l": score, "rouge_l_ci": [score - 0.01, score + 0.01]}}
     return run, register_model(run, {"id": f"{run_id}/curated"}, evaluation, {"distilled_student": score})
@@ -133,7 +138,13 @@ KILL_IN_PROMOTE = textwrap.dedent("""
     seen = 0
     def hook(frame, event, arg):
         global seen
-        name = getattr(arg, "__name__", "") if event == "c_call" else frame.f_code.co_name if event == "call" else ""
+        # File-system steps only: os functions (C) and shutil's tree helpers (Python), not str.replace and kin.
+        if event == "c_call" and getattr(arg, "__module__", None) == "posix":
+            name = arg.__name__
+        elif event == "call" and frame.f_globals.get("__name__") == "shutil":
+            name = frame.f_code.co_name
+        else:
+            return
         if name in names:
             seen += 1
             if seen == nth:
