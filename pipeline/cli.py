@@ -55,24 +55,49 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+_SHORT = {"teacher": "teacher", "raw_student": "raw", "distilled_student": "distilled", "gold_student": "gold"}
+_QUESTIONS = (("distilled_vs_raw", "distilled vs raw"), ("distilled_vs_gold", "distilled vs gold"),
+              ("distilled_vs_teacher", "distilled vs teacher"))
+
+
 def print_summary(result: dict, elapsed: float) -> None:
     print("\n" + "=" * 72)
     print(f"distill finished in {elapsed / 60:.1f} min. Run folder: {result['run_dir']}")
     print(f"  data: {result.get('accepted')} accepted, {result.get('rejected')} rejected")
-    for key, label in (("teacher", "teacher"), ("raw_student", "raw student"), ("distilled_student", "distilled student")):
-        if isinstance(result.get(key), (int, float)):  # a data-only run names the teacher here instead
-            print(f"  ROUGE-L {label:<18} {result[key]:.3f}")
+    if result.get("sets"):
+        for line in verdict_lines(result["sets"]):
+            print("  " + line)
+    else:  # a data-only run names the teacher here instead
+        for key, label in (("teacher", "teacher"), ("raw_student", "raw student"), ("distilled_student", "distilled student")):
+            if isinstance(result.get(key), (int, float)):
+                print(f"  ROUGE-L {label:<18} {result[key]:.3f}")
     for key, label in (("raw_student", "raw student"), ("distilled_student", "distilled student")):
         if f"{key}_win_rate" in result:
             print(f"  judge win rate {label:<11} {result[f'{key}_win_rate']:.0%}")
-    if "distilled_minus_raw" in result:
-        print(f"  distilled - raw: {result['distilled_minus_raw']:+.3f}; "
-              f"keeps {result.get('distilled_keeps_of_teacher', float('nan')):.0%} of the teacher")
     if "decision" in result:
         print(f"  registry: {'champion' if result.get('promoted') else 'challenger'}: {result['decision']}")
     if result.get("report"):
         print(f"  report: {result['report']}")
     print("=" * 72)
+
+
+def verdict_lines(sets: dict) -> list[str]:
+    """Per held-out set: ROUGE-L per contender, then the three questions as paired differences [95% CI]."""
+    lines = []
+    for name, s in sets.items():
+        scores = "  ".join(f"{_SHORT.get(k, k)} {v:.3f}" for k, v in (s.get("rouge_l") or {}).items() if v is not None)
+        lines.append(f"{name} ({s.get('items')} items), ROUGE-L: {scores}")
+        for key, label in _QUESTIONS:
+            p = (s.get("paired") or {}).get(key)
+            if not p or not p.get("n"):
+                continue
+            verdict = p["verdict"] + (f" on {p['n']} items (~{p['n_needed']} needed)"
+                                      if p["verdict"] == "not distinguishable" and p.get("n_needed") else "")
+            lines.append(f"  {label:<21} {p['mean']:+.3f} [{p['lo']:+.3f}, {p['hi']:+.3f}]  {verdict}")
+        k = s.get("keeps_of_teacher") or {}
+        if k.get("ratio") is not None and k["ratio"] == k["ratio"]:
+            lines.append(f"  {'keeps of the teacher':<21} {k['ratio']:.0%} [{k['lo']:.0%}, {k['hi']:.0%}]")
+    return lines
 
 
 def cmd_dedupe(args: argparse.Namespace) -> int:
@@ -145,7 +170,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     if cfg.train.mix_gold:
         from pipeline.stages import gold_records
 
-        records += gold_records(cfg.train.mix_gold)
+        records += gold_records(cfg.train.mix_gold, cfg)[0]  # decontaminated like curated data
     result: dict = {"records": len(records), "data": str(data)}
     if args.grid:
         result["grid"] = kd_grid(cfg, records, out, temperatures=[float(t) for t in args.temperatures.split(",")],
@@ -171,6 +196,25 @@ def cmd_ablate(args: argparse.Namespace) -> int:
                       f"[{d['lo']:+.4f}, {d['hi']:+.4f}] over {d['n']} items ({d['verdict']})")
     print(json.dumps(result, indent=2, default=str))
     print(f"ablation written to {out}")
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from pipeline.study import StudyOptions, budget_overrides, load_inputs, run_study, summary_lines
+
+    def names(text: str) -> tuple[str, ...]:
+        return tuple(x.strip() for x in text.replace(";", ",").split(",") if x.strip())
+
+    overrides = budget_overrides(args.set, args.budget)
+    cfg, records, data, out = load_inputs(args.run_id, args.runs_dir, args.data, args.profile, overrides, args.out)
+    options = StudyOptions(questions=tuple(f"q{q.lstrip('qQ')}" for q in names(args.questions)),
+                           methods=names(args.methods), targets=names(args.targets), layers=names(args.layers),
+                           cuts=tuple(c.strip() for c in args.cuts.split(";") if c.strip()), teacher=args.teacher)
+    command = "distill " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["study"] else "distill study"
+    study = run_study(cfg, records, out, options, source={"data": str(data), "run_id": args.run_id,
+                                                          "command": command, "overrides": overrides})
+    print("\n".join(summary_lines(study)))
+    print(f"study written to {out / 'study.md'}")
     return 0
 
 
@@ -254,6 +298,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a train.* override for one contender, e.g. on-policy:max_steps=30 (repeatable)")
     a.add_argument("--saved-only", action="store_true", help="train nothing: tabulate the cells a stopped ablation saved")
     a.set_defaults(func=cmd_ablate)
+
+    st = sub.add_parser("study", help="one report on three questions: distilled vs gold data, where adapters help, "
+                                      "how many layers can go (paired verdicts, resumable cells)")
+    st.add_argument("--run-id", help="use this run's accepted data and saved config")
+    st.add_argument("--runs-dir", default="runs")
+    st.add_argument("--data", help="an accepted.parquet to study instead of a run's (config from --profile)")
+    st.add_argument("--profile", default=None, help="profile for --data (default: cpu-demo)")
+    st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key for every cell, e.g. --set train.max_steps=32 (repeatable)")
+    st.add_argument("--budget", choices=["small", "profile"], default="small",
+                    help="small (default): a CPU-sized budget (train.max_steps=24, 40 eval items, 96 new tokens) "
+                         "under your --set keys; profile: the config's own settings")
+    st.add_argument("--out", help="output folder (default: the run's study/, or ./study); rerun to resume")
+    st.add_argument("--questions", default="1,2,3", help="which questions: 1 data, 2 placement, 3 cuts")
+    st.add_argument("--methods", default="sft,kd", help="Q1: train.method values to compare gold vs distilled with")
+    st.add_argument("--targets", default="attention,mlp,all-linear", help="Q2: train.lora_target values")
+    st.add_argument("--layers", default="early,middle,late", help="Q2: train.lora_layers values")
+    st.add_argument("--cuts", default="middle:10", help="Q3: extra layer cuts separated by ';' (the student's own "
+                                                        "cut is always a row), e.g. 'middle:10;20-29'")
+    st.add_argument("--teacher", action=argparse.BooleanOptionalAction, default=True,
+                    help="score the teacher too (the reference Q3's cuts are compared with)")
+    st.set_defaults(func=cmd_study)
 
     from pipeline.evaluate.cli import add_evaluate_parser
 

@@ -37,7 +37,7 @@ def _score(student_dir: Path, adapter_dir: Path | None, cfg: RunConfig) -> dict[
                               label=str(adapter_dir or student_dir), perplexity=ev.perplexity)
     scores = score_contender(items, answers["answers"], ev.bootstrap_samples)
     out = {"rouge_l": scores["rouge_l"], "rouge_l_ci": scores["rouge_l_ci"], "items": len(items),
-           "per_item": scores["per_item"], "params": answers["params"],
+           "item_ids": [it.id for it in items], "per_item": scores["per_item"], "params": answers["params"],
            "hit_limit": _hit_limit(answers["answer_tokens"], ev.max_new_tokens)}
     if ev.perplexity:
         out.update(perplexity_summary(answers["nll"], ev.bootstrap_samples))
@@ -175,8 +175,8 @@ def _cut_rows(cut, cells: dict[str, dict | None], cfg: RunConfig) -> list[dict[s
         if base is not None and spec != "sft":
             vs = paired_difference(cell["per_item"], base["per_item"], names=(spec, "sft"),
                                    samples=cfg.evaluate.bootstrap_samples).as_dict()
-        rows.append({"cut": cut, "contender": spec, **{k: v for k, v in cell.items() if k != "per_item"},
-                     "vs_sft": vs})
+        # Per-item scores stay in the rows so any two cells on the same items can be compared pairwise later.
+        rows.append({"cut": cut, "contender": spec, **cell, "vs_sft": vs})
     return rows
 
 
