@@ -203,7 +203,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         rows = cut_depth(cfg, records, out, [c.strip() for c in args.cuts.split(";") if c.strip()],
                          alpha=args.cut_alpha, temperature=args.cut_temperature,
                          methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-                         hidden_weight=args.hidden_weight, method_overrides=overrides)
+                         hidden_weight=args.hidden_weight, method_overrides=overrides, saved_only=args.saved_only)
         result["cut_depth"] = [{k: r.get(k) for k in ("cut", "contender", "rouge_l", "perplexity", "hit_limit",
                                                       "train_wall_s")} for r in rows]
         for r in rows:
@@ -319,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--hidden-weight", type=float, default=1.0, help="train.hidden_loss_weight of the +hidden contenders")
     a.add_argument("--method-set", action="append", default=[], metavar="CONTENDER:KEY=VALUE",
                    help="a train.* override for one contender, e.g. on-policy:max_steps=30 (repeatable)")
+    a.add_argument("--saved-only", action="store_true", help="train nothing: tabulate the cells a stopped ablation saved")
     a.set_defaults(func=cmd_ablate)
 
     st = sub.add_parser("study", help="one report on three questions: distilled vs gold data, where adapters help, "
