@@ -197,6 +197,9 @@ def evaluate_stage(run: Run) -> dict[str, Any]:
     for name, (model_dir, adapter) in students.items():
         contenders[name] = student_answers(model_dir, items, ev.max_new_tokens, ev.batch_size, adapter_dir=adapter,
                                            label=name.replace("_", " "), cache_dir=cache_dir, perplexity=ev.perplexity)
+    from pipeline.evaluate.runtime import speed_on_one_runtime
+
+    speed_on_one_runtime(cfg, run.dir, contenders, students, items)  # speed and size of every row on one runtime
     judge = make_teacher(ev.judge, cache_dir / "teacher.sqlite", ledger) if ev.judge else None
     try:
         scores, rows = score_contenders(items, contenders, judge, ev.judge_baseline, ev.bootstrap_samples)
