@@ -248,6 +248,18 @@ def cmd_teacher_server(args: argparse.Namespace) -> int:
     return run_teacher_server(args.model, args.port, n_threads=args.n_threads, n_ctx=args.n_ctx)
 
 
+def cmd_export_model(args: argparse.Namespace) -> int:
+    from pipeline.ship import export_gguf, resolve_export_source
+
+    model_dir, adapter, source, stem = resolve_export_source(Path(args.target), args.source_gguf, args.base)
+    out = Path(args.out or Path(args.target) / "export")
+    made = export_gguf(model_dir, adapter, source, out, args.quant or ["q8_0", "q4_k_m"], stem=stem)
+    for quant, path in made["paths"].items():
+        print(f"{quant:<8} {Path(path).stat().st_size / 2**20:8.1f} MB  {path}")
+    print(f"Serve one: distill teacher-server --model {next(iter(made['paths'].values()))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distill", description="Distil a teacher LLM into a small student through synthetic data.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -299,6 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--n-threads", type=int, default=None, help="default: one per core")
     t.add_argument("--n-ctx", type=int, default=2048)
     t.set_defaults(func=cmd_teacher_server)
+
+    x = sub.add_parser("export-model", help="the student (adapter merged) as quantized GGUF files for llama.cpp/Ollama")
+    x.add_argument("target", help="a run folder (runs/<run-id>), runs/champion, an adapter folder or a model folder")
+    x.add_argument("--quant", action="append", metavar="TYPE",
+                   help="llama.cpp quantization, repeatable: q8_0, q4_k_m, q4_1, f16, f32, ... (default: q8_0 and q4_k_m)")
+    x.add_argument("--out", help="output folder (default: TARGET/export)")
+    x.add_argument("--source-gguf", help="the GGUF the student was cut from (default: the run's student.cut_from)")
+    x.add_argument("--base", help="the student an adapter folder was trained on (default: its adapter_config.json)")
+    x.set_defaults(func=cmd_export_model)
 
     a = sub.add_parser("ablate", help="logit-distillation ablation over T x alpha, and distillation methods per layer cut")
     a.add_argument("--run-id", help="use this run's accepted data and saved config")

@@ -293,6 +293,9 @@ def evaluate_stage(run: Run) -> dict[str, Any]:
     for name, (model_dir, adapter) in students.items():
         contenders[name] = student_answers(model_dir, items, ev.max_new_tokens, ev.batch_size, adapter_dir=adapter,
                                            label=name.replace("_", " "), cache_dir=cache_dir, perplexity=ev.perplexity)
+    from pipeline.evaluate.runtime import speed_on_one_runtime
+
+    speed_on_one_runtime(cfg, run.dir, contenders, students, items)  # speed and size of every row on one runtime
     # The judge spends from the run's budget too, at its own prices.
     judge_ledger = ledger.priced(ev.judge.price_per_1m_input, ev.judge.price_per_1m_output) if ev.judge else None
     judge = make_teacher(ev.judge, cache_dir / "teacher.sqlite", judge_ledger) if ev.judge else None
