@@ -250,6 +250,7 @@ def _best_match(tok, a0, a1, q_pre_elem, c_lo, c_hi, grp_off, grp_len, grp_pos, 
     if la == 0:  # rouge_score scores an empty text 0 against everything
         return best, best_s
     _set_masks(tok, a0, a1, masks)
+    best_num, best_den = 0, 1  # best_s as the rational 2*best_num/best_den (both sides halved below)
     lo = la * ratio
     hi = la / ratio
     for p in range(q_pre_elem.size):
@@ -294,10 +295,16 @@ def _best_match(tok, a0, a1, q_pre_elem, c_lo, c_hi, grp_off, grp_len, grp_pos, 
                 if not alive[q]:
                     continue
                 b0 = post_tok_off[q]
-                sc = _rouge_f(_lcs(tok, a0, a1, post_tok, b0, b0 + lb, masks, row), la, lb)
+                lcs = _lcs(tok, a0, a1, post_tok, b0, b0 + lb, masks, row)
+                # F is 2*lcs/(la+lb) up to rounding; when that rational is clearly below the best so far
+                # (by more than any rounding), the exact float formula and its three divisions are skipped.
+                if lcs * best_den < best_num * (la + lb) - 1 or lcs == 0:
+                    continue
+                sc = _rouge_f(lcs, la, lb)
                 if sc > best_s or (sc == best_s and best >= 0 and c < best):
                     best_s = sc
                     best = c
+                    best_num, best_den = lcs, la + lb
             g += 1
     _clear_masks(tok, a0, a1, masks)
     return best, best_s
@@ -518,12 +525,13 @@ class NearDuplicateIndex:
     and LCS as the whole-list filter above.
 
     Kept texts sit in a frozen index plus a short tail scored directly; when the tail reaches a quarter of the
-    index (at least 256 texts) the index is rebuilt over everything, with the token order refreshed from the
+    index (at least `min_tail` texts) the index is rebuilt over everything, with the token order refreshed from the
     texts seen so far, so adding n texts costs O(n log n) rebuild work in all.
     """
 
-    def __init__(self, threshold: float = 0.7, vocabulary_hint: Sequence[str] = ()):
+    def __init__(self, threshold: float = 0.7, vocabulary_hint: Sequence[str] = (), min_tail: int = 256):
         self.threshold = threshold
+        self.min_tail = min_tail
         self._ratio = slack_ratio(threshold)
         self.texts: list[str] = []
         self._vocab: dict[str, int] = {}
@@ -584,7 +592,7 @@ class NearDuplicateIndex:
         """Add a kept text; returns its index in the pool."""
         self.texts.append(text)
         self._tokens.append(self._encode(text) if tokens is None else tokens)
-        if len(self._tokens) - self._frozen >= max(256, self._frozen // 4):
+        if len(self._tokens) - self._frozen >= max(self.min_tail, self._frozen // 4):
             self._rebuild()
         return len(self.texts) - 1
 
