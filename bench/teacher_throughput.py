@@ -55,8 +55,14 @@ async def _bare(base_url: str, n: int, concurrency: int, run: str) -> tuple[floa
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=30) as client:
         async def one(i: int) -> int:
             async with sem:
-                r = await client.post("/chat/completions", json={"model": "fake-teacher", "max_tokens": 64,
-                                                                 "messages": messages(i, run)})
+                for attempt in range(3):  # a keep-alive connection the server just closed: retry, as the SDK does
+                    try:
+                        r = await client.post("/chat/completions", json={"model": "fake-teacher", "max_tokens": 64,
+                                                                         "messages": messages(i, run)})
+                        break
+                    except httpx.TransportError:
+                        if attempt == 2:
+                            raise
                 r.raise_for_status()
                 return r.json()["usage"]["completion_tokens"]
         start = time.perf_counter()
