@@ -20,7 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
+try:  # the HTTP library the openai SDK itself sends with (openai 3.x: httpx2), so the floor shares its transport
+    import httpx2 as httpx
+except ImportError:
+    import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -128,7 +131,7 @@ def main() -> None:
     for r in results:
         r["speedup_vs_sequential"] = round(r.pop("_ours_tps") / seq_tps, 1)
     print(json.dumps({
-        "server_latency_s": args.latency_s, "repeats": args.repeats, "statistic": "median of repeats",
+        "server_latency_s": args.latency_s, "bare_http_library": f"{httpx.__name__} {httpx.__version__}", "repeats": args.repeats, "statistic": "median of repeats",
         "cpu_cores": len(os.sched_getaffinity(0)), "load_avg_1m": round(os.getloadavg()[0], 1),
         "results": results, "sequential_tokens_per_s": round(seq_tps, 1),
     }, indent=2))
