@@ -157,8 +157,11 @@ def main() -> None:
                     help="words the synthetic records are built from (see above)")
     args = ap.parse_args()
     if args.cli:
-        print(json.dumps({"command": "distill dedupe in.jsonl kept.jsonl",
-                          "runs": [run_cli(n, args.vocab, args.cores) for n in args.cli]}, indent=2))
+        runs = []
+        for n in args.cli:
+            runs.append(run_cli(n, args.vocab, args.cores))
+            print(json.dumps(runs[-1]), file=sys.stderr, flush=True)  # each size as it finishes
+        print(json.dumps({"command": "distill dedupe in.jsonl kept.jsonl", "runs": runs}, indent=2))
         return
     if args.one:
         print(json.dumps(run_ours(args.one, args.cores)))

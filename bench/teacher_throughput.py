@@ -100,15 +100,20 @@ def measure(base_url: str, n: int, concurrency: int, repeats: int) -> dict:
     bare(base_url, concurrency, concurrency, f"warm-up-{concurrency}")  # connections and imports warmed once
     ours(base_url, concurrency, concurrency, f"warm-up-{concurrency}")
     runs: dict[str, list[float]] = {"ours": [], "bare": []}
+    cpu: dict[str, list[float]] = {"ours": [], "bare": []}  # this process's CPU per request: steadier under load
     for k in range(repeats):  # interleaved, so load from other processes hits both alike
         for name, fn in (("ours", ours), ("bare", bare)) if k % 2 == 0 else (("bare", bare), ("ours", ours)):
+            cpu0 = time.process_time()
             wall, tokens = fn(base_url, n, concurrency, f"{name}-{concurrency}-{k}")
+            cpu[name].append((time.process_time() - cpu0) / n * 1000)
             runs[name].append(tokens / wall)
     ours_tps, bare_tps = statistics.median(runs["ours"]), statistics.median(runs["bare"])
     return {"concurrency": concurrency, "requests": n, "ours_tokens_per_s": round(ours_tps, 1),
             "bare_httpx_tokens_per_s": round(bare_tps, 1),
             "ours_runs": [round(x, 1) for x in runs["ours"]], "bare_runs": [round(x, 1) for x in runs["bare"]],
-            "overhead_vs_bare_pct": round(100 * (1 - ours_tps / bare_tps), 2), "_ours_tps": ours_tps}
+            "overhead_vs_bare_pct": round(100 * (1 - ours_tps / bare_tps), 2),
+            "ours_cpu_ms_per_request": round(statistics.median(cpu["ours"]), 3),
+            "bare_cpu_ms_per_request": round(statistics.median(cpu["bare"]), 3), "_ours_tps": ours_tps}
 
 
 def main() -> None:
