@@ -28,9 +28,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of the random half and of tie-breaks")
     ap.add_argument("--samples", type=int, default=2000, help="bootstrap resamples")
     ap.add_argument("--out", default="bench-out/quality_selection")
-    ap.add_argument("--only", choices=["all", "ifd", "random"], default=None,
+    ap.add_argument("--only", choices=["all", "ifd", "random", "scores"], default=None,
                     help="train and score one student and stop (run the three at once on a shared box; a last run "
-                         "without --only reads the saved cells and writes the comparison)")
+                         "without --only reads the saved cells and writes the comparison); scores: only score IFD "
+                         "and write its distribution (quality_ifd.json/.png), no training")
     args = ap.parse_args()
 
     from pipeline.config import IFDScorerConfig, SelectConfig, load_config
@@ -72,6 +73,25 @@ def main() -> None:
                 "random half": ("random", lambda: select(records, SelectConfig(keep_top_n=half, by="random",
                                                                                 seed=args.seed))[0])}
     items = load_eval_set(cfg.evaluate.eval_set, args.dev)
+    if args.only == "scores":
+        scored = with_ifd()
+        top = {r.id for r in top_ifd_half()}
+        ranked = sorted((r for r in scored if r.ifd is not None), key=lambda r: r.ifd)
+        values = [r.ifd for r in ranked]
+        show = lambda rs: [{"ifd": round(r.ifd, 4), "instruction": r.instruction[:120], "output": r.output[:120]} for r in rs]
+        summary = {"data": args.data, "records": len(scored), "scored": len(values),
+                   "at_or_above_1": sum(v >= 1.0 for v in values), "top_half": len(top),
+                   "top_half_min_ifd": min(r.ifd for r in scored if r.id in top),
+                   "quantiles": {q: round(float(values[min(len(values) - 1, int(q * len(values)))]), 4)
+                                 for q in (0.0, 0.1, 0.25, 0.5, 0.75, 0.9)} | {"max": round(values[-1], 4)},
+                   "lowest": show(ranked[:5]), "highest_below_1": show([r for r in ranked if r.ifd < 1][-5:]),
+                   "at_or_above_1_examples": show([r for r in ranked if r.ifd >= 1][:5]),
+                   "student_drop_layers": cfg.student.drop_layers}
+        atomic_write_json(out / "quality_ifd.json", summary)
+        plot_scores(score_distribution([r for r in scored if r.id in top], [r for r in scored if r.id not in top]),
+                    out / "quality_ifd.png")
+        print(json.dumps(summary, indent=2))
+        return
     results, sets = {}, {}
     for name, (short, build) in builders.items():
         if args.only and short != args.only:
