@@ -90,8 +90,8 @@ class GenerateConfig(Strict):
 
 
 class CurateConfig(Strict):
-    min_words: int = Field(3, ge=0, description="Drop instructions shorter than this (Alpaca: 3).")
-    max_words: int = Field(150, ge=1, description="Drop instructions longer than this (Alpaca: 150).")
+    min_words: int = Field(4, ge=0, description="Drop instructions of fewer words than this (whitespace split). The default 4 is Alpaca's rule exactly: it drops `len(inst.split()) <= 3`.")
+    max_words: int = Field(150, ge=1, description="Drop instructions of more words than this (Alpaca: `len(inst.split()) > 150`).")
     blacklist: list[str] = Field(
         default_factory=lambda: ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files",
                                  "map", "maps", "draw", "plot", "go to", "video", "audio", "music",
@@ -196,7 +196,8 @@ class TrainConfig(Strict):
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA scaling alpha.")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
-    target_modules: str | list[str] = Field("all-linear", description="Modules LoRA wraps: 'all-linear' or a list of names.")
+    lora_target: str | list[str] = Field("all-linear", description="Modules LoRA wraps: attention (q/k/v/o projections), mlp (gate/up/down), all-linear, or an explicit list of module names.")
+    lora_layers: str = Field("all", description="Decoder layers LoRA wraps (peft layers_to_transform): all, early / middle / late (a third of the student's layers each), or a block 'a-b' (inclusive, student layer numbers).")
     epochs: float = Field(2.0, gt=0, description="Passes over the accepted data.")
     max_steps: int = Field(-1, description="Stop after this many optimiser steps (-1: use epochs).")
     batch_size: int = Field(4, ge=1, description="Per-device batch size.")
@@ -205,27 +206,98 @@ class TrainConfig(Strict):
     max_length: int = Field(256, ge=16, description="Tokens per example after the chat template; longer ones are truncated (counted before training).")
     seed: int = Field(0, description="Training seed.")
     mix_gold: int = Field(0, ge=0, description="Add this many gold Alpaca records to the generated data (0: pure distillation).")
-    method: Literal["sft", "kd"] = Field("sft", description="sft: cross-entropy on the teacher's text; kd: Hinton logit distillation, kd_alpha * CE + (1 - kd_alpha) * T^2 * KL(teacher_T || student_T).")
+    method: Literal["sft", "kd", "on-policy"] = Field("sft", description="sft: cross-entropy on the teacher's text; kd: Hinton logit distillation, kd_alpha * CE + (1 - kd_alpha) * T^2 * KL(teacher_T || student_T); on-policy: the student answers the instructions itself and the teacher scores every token (TRL's DistillationTrainer, generalized JSD).")
     finetune: Literal["lora", "full"] = Field("lora", description="lora: train a LoRA adapter; full: train every weight (small students only; saves the whole model).")
     kd_alpha: float = Field(0.5, ge=0, le=1, description="Weight of the cross-entropy term in the KD loss (1.0 = plain SFT).")
     kd_temperature: float = Field(2.0, gt=0, description="Softmax temperature T for teacher and student in the KD loss.")
     kd_source: Literal["model", "logprobs"] = Field("model", description="Teacher distributions for kd: model (an in-process HF teacher, full vocabulary) or logprobs (top-k stored with the records).")
-    kd_teacher: str | None = Field(None, description="For kd_source=model: an HF checkpoint dir or hub id; default: the GGUF named by student.cut_from, dequantized.")
+    kd_teacher: str | None = Field(None, description="The in-process teacher of every method that needs one (kd with kd_source=model, on-policy, hidden_loss_weight > 0): an HF checkpoint dir or hub id; default: the GGUF named by student.cut_from, dequantized.")
+    beta: float = Field(0.5, ge=0, le=1, description="on-policy: generalized JSD interpolation (0 = forward KL(teacher || student), 1 = reverse KL).")
+    temperature: float = Field(1.0, gt=0, description="on-policy: sampling and loss temperature of the student's completions.")
+    max_completion_length: int = Field(128, ge=8, description="on-policy: max new tokens per student completion; shorter than the teacher's typical answer, it cannot teach the student where to stop.")
+    lmbda: float = Field(1.0, ge=0, le=1, description="on-policy: share of batches whose completions the student samples (GKD's lambda); the rest train on the teacher's answers from the records.")
+    hidden_loss_weight: float = Field(0.0, ge=0, description="Weight of a hidden-state matching term added to any method's loss: each kept student layer's output against the teacher layer it was cut from (0: off).")
+    hidden_loss: Literal["cosine", "mse"] = Field("cosine", description="Hidden-state distance: cosine (1 - cos, DistilBERT) or mse (FitNets), averaged over mapped layers and non-padding tokens.")
     merge: bool = Field(False, description="Also save the student with the LoRA adapter merged in (merged/), ready to serve.")
     padding_free: Literal["auto", "on", "off"] = Field("auto", description="Padding-free batching (examples packed whole into rows, no padding): auto = on for CUDA, off on CPU; on/off force it. Uses flash-attention when installed, else a block-diagonal sdpa mask.")
     check_memory: bool = Field(True, description="Warn before training when the memory estimate exceeds what is free (RAM on CPU, GPU memory on CUDA).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_key_names(cls, data: Any) -> Any:
+        # Runs saved before lora_target existed wrote target_modules into their config.yaml; they must still load.
+        if isinstance(data, dict) and "target_modules" in data:
+            data = dict(data)
+            old = data.pop("target_modules")
+            data.setdefault("lora_target", old)
+        return data
+
+
+class EvalSetConfig(Strict):
+    """One held-out set: every contender answers its items, and it gets its own table and paired verdicts."""
+
+    name: str = Field(description="Short name shown in the report, the summary and eval/outputs.jsonl (e.g. alpaca-dev).")
+    path: Path = Field(description="Held-out instructions with references: Alpaca JSON/JSONL (instruction, input, output) or Self-Instruct JSONL (instruction, instances).")
+    limit: int | None = Field(None, ge=1, description="Evaluate on the first N items of this set (null: evaluate.limit).")
+
+
+def _default_eval_sets() -> list[EvalSetConfig]:
+    # Two kinds of held-out set: Alpaca's dev split (the distribution the pipeline is tuned on) and a fixed slice of
+    # the human-written Self-Instruct seed tasks, which the generator never sees (seed tasks that are eval items are
+    # taken out of its seed pool) and which curate decontaminates against.
+    return [EvalSetConfig(name="alpaca-dev", path=DATA_DIR / "alpaca_dev.jsonl"),
+            EvalSetConfig(name="self-instruct-heldout", path=DATA_DIR / "self_instruct_heldout.jsonl")]
+
 
 class EvaluateConfig(Strict):
-    eval_set: Path = Field(DATA_DIR / "alpaca_dev.jsonl", description="Held-out instructions with references (Alpaca JSON/JSONL).")
-    limit: int = Field(30, ge=1, description="Evaluate on the first N items of the set.")
+    eval_sets: list[EvalSetConfig] = Field(default_factory=_default_eval_sets, min_length=1, description="Held-out sets, each reported side by side (the first is the primary one the registry's guard metrics come from). Every set is removed from the generator's seed pool and decontaminated against in curate and in the gold training data. The older single-file key evaluate.eval_set: FILE still works and means one set.")
+    limit: int = Field(30, ge=1, description="Evaluate on the first N items of each set (a set's own limit wins).")
     max_new_tokens: int = Field(128, ge=8, description="Max new tokens per answer, for every contender.")
     batch_size: int = Field(8, ge=1, description="Batched generation size for the students.")
-    bootstrap_samples: int = Field(1000, ge=100, description="Bootstrap resamples for confidence intervals.")
+    bootstrap_samples: int = Field(1000, ge=100, description="Bootstrap resamples for confidence intervals and paired differences.")
     judge: TeacherConfig | None = Field(None, description="Pairwise LLM judge (any teacher backend, same keys as teacher:); null skips the judge. The embedded 135M model answers in format but cannot tell answers apart ('I don't know.' won 42% against the reference), so the CPU demo leaves it off.")
     judge_baseline: Literal["reference", "teacher"] = Field("reference", description="What each contender's answer is judged against: the eval set's reference answer or the teacher's.")
     perplexity: bool = Field(True, description="Perplexity of the reference answers under each student (response tokens only).")
-    gold_student: bool = Field(False, description="Also train a student on as many gold Alpaca records as were accepted, and evaluate it.")
+    gold_student: bool = Field(True, description="Also train the student on the original data (gold_train), same method, steps and number of examples as the distilled one, decontaminated like curated data, and evaluate it: does distillation beat simply training on the original data?")
+    gold_train: Path = Field(DATA_DIR / "alpaca_gold_train.jsonl", description="The original data for the gold-trained student and train.mix_gold (Alpaca JSON/JSONL: instruction, input, output); the embedded default is Alpaca's train split.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_eval_set(cls, data: Any) -> Any:
+        # The older single-file form, evaluate.eval_set: FILE, means one set named after the file.
+        if isinstance(data, dict) and "eval_set" in data:
+            if "eval_sets" in data:
+                raise ValueError("give evaluate.eval_sets (a list of {name, path, limit}) or the older evaluate.eval_set "
+                                 "(one file), not both")
+            path = data["eval_set"]
+            data = {k: v for k, v in data.items() if k != "eval_set"}
+            data["eval_sets"] = [{"name": Path(str(path)).stem or "eval", "path": path}]
+        return data
+
+    @field_validator("eval_sets")
+    @classmethod
+    def _unique_names(cls, v: list[EvalSetConfig]) -> list[EvalSetConfig]:
+        names = [s.name for s in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"eval set names must be unique (got {names})")
+        return v
+
+    @property
+    def eval_set(self) -> Path:
+        """The primary (first) eval set's file, for code that reads one set."""
+        return self.eval_sets[0].path
+
+    def set_limit(self, s: EvalSetConfig) -> int:
+        """How many items of set `s` are evaluated."""
+        return s.limit or self.limit
+
+    @field_validator("judge")
+    @classmethod
+    def _one_budget(cls, v: TeacherConfig | None) -> TeacherConfig | None:
+        if v is not None and (v.budget_usd is not None or v.budget_tokens is not None):
+            raise ValueError("a run has one budget: set teacher.budget_usd / teacher.budget_tokens; the judge's calls "
+                             "count against it at evaluate.judge's prices, so remove evaluate.judge.budget_*")
+        return v
 
 
 class RetrainConfig(Strict):
@@ -233,7 +305,7 @@ class RetrainConfig(Strict):
 
     cron: str = Field("0 3 * * 1", description="When distill/retrain runs (cron, 5 fields; default Mondays 03:00).")
     timezone: str = Field("UTC", description="IANA timezone of the cron schedule, e.g. Europe/Berlin.")
-    metric: str = Field("rouge_l", description="Metric a challenger must beat the champion on (higher is better), by more than its 95% CI half-width.")
+    metric: str = Field("rouge_l", description="Per-item metric a challenger must beat the champion on: rouge_l or win_rate (judged runs). Promotion needs a paired 95% bootstrap interval of challenger - champion on the eval items both answered that excludes 0; no shared items, no promotion.")
     guards: dict[str, float] = Field(default_factory=lambda: {"tokens_per_s": 0.3}, description="Other metrics and the relative regression each may show (0.3 = 30% worse) before a promotion is refused; latency_s/perplexity count lower as better.")
 
     @field_validator("cron")
@@ -366,6 +438,17 @@ def load_config(profile: str | None = None, config_file: str | Path | None = Non
         return RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_describe(e, source)) from None
+
+
+def with_overrides(cfg: RunConfig, overrides: list[str], source: str = "the resolved config") -> RunConfig:
+    """A validated copy of cfg with dotted key=value overrides applied (the syntax of --set)."""
+    data = cfg.model_dump(mode="json")
+    for item in overrides:
+        _set_dotted(data, item)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, f"{source} (with overrides {list(overrides)})")) from None
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -141,17 +141,18 @@ def test_judge_scores_and_caches_ratings_and_rejects_malformed_ones(tmp_path):
         assert [r.id for r in kept2] == [r.id for r in kept] and len(rejected2) == 3
 
 
-def test_judge_stops_at_the_budget_and_keeps_what_it_paid_for(tmp_path):
+def test_judge_refuses_ratings_the_budget_cannot_cover(tmp_path):
     from pipeline.errors import BudgetExceeded
 
     records = [rec(f"Explain why the sky is blue, part {i}.") for i in range(3)]
     with FakeOpenAIServer(responder=lambda body: "Score: 4\nReason: fine") as server:
         teacher = TeacherConfig(backend="openai", base_url=server.base_url, model="fake-judge", max_concurrency=1)
-        ledger = Ledger(budget_tokens=1)  # spent by the first reply
+        ledger = Ledger(budget_tokens=1)  # not even one rating's worst case fits
         with pytest.raises(BudgetExceeded, match="budget"):
             apply_quality(records, CurateConfig(quality=[JudgeScorerConfig()]),
                           QualityContext(teacher, tmp_path / "t.sqlite", ledger, lambda: None))
-        assert 1 <= server.total_requests < 3
+        # The run's ledger admits a call only when its worst case fits the budget: nothing is sent, nothing paid.
+        assert server.total_requests == 0
 
 
 # --- reward model -----------------------------------------------------------------------------------------

@@ -43,12 +43,10 @@ def curate(records: list[Record], cfg: CurateConfig, seed_instructions: Sequence
         if key in seen_exact:
             verdicts[k] = r.reject("exact_duplicate", f"same as {seen_exact[key]}")
             continue
-        if contamination is not None:
-            ov = contamination.overlap(r.instruction + " " + r.input)
-            if ov >= cfg.decontaminate_threshold:
-                verdicts[k] = r.reject("contaminated", f"{ov:.2f} of its {cfg.decontaminate_ngram}-grams are in "
-                                                       f"an eval item: {contamination.nearest(r.instruction + ' ' + r.input)}")
-                continue
+        dirty = contamination.reject(r) if contamination is not None else None
+        if dirty is not None:
+            verdicts[k] = dirty
+            continue
         seen_exact[key] = f"record {r.id}"
         candidates.append(k)
 
