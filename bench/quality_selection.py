@@ -41,7 +41,7 @@ def main() -> None:
     from pipeline.evaluate.metrics import paired_difference
     from pipeline.models import resolve_student
     from pipeline.store import atomic_write_json, atomic_write_text, load_records
-    from pipeline.train.sft import train_lora
+    from pipeline.train import train
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,7 +103,7 @@ def main() -> None:
             results[name] = json.loads(cell.read_text())
             continue
         start = time.perf_counter()
-        summary = train_lora(student_dir, subset, cfg.train, out / "cells" / tag)
+        summary = train(student_dir, subset, cfg.train, out / "cells" / tag, student=cfg.student)
         answers = student_answers(student_dir, items, cfg.evaluate.max_new_tokens, cfg.evaluate.batch_size,
                                   adapter_dir=Path(summary["adapter"]), label=name)
         scored = score_contender(items, answers["answers"], args.samples)
