@@ -205,7 +205,7 @@ class TrainConfig(Strict):
     learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
     max_length: int = Field(256, ge=16, description="Tokens per example after the chat template; longer ones are truncated (counted before training).")
     seed: int = Field(0, description="Training seed.")
-    mix_gold: int = Field(0, ge=0, description="Add this many gold Alpaca records to the generated data (0: pure distillation).")
+    mix_gold: int = Field(0, ge=0, description="Add this many records of the original data (evaluate.gold_train, decontaminated against the eval sets like curated data) to the generated data (0: pure distillation).")
     method: Literal["sft", "kd", "on-policy"] = Field("sft", description="sft: cross-entropy on the teacher's text; kd: Hinton logit distillation, kd_alpha * CE + (1 - kd_alpha) * T^2 * KL(teacher_T || student_T); on-policy: the student answers the instructions itself and the teacher scores every token (TRL's DistillationTrainer, generalized JSD).")
     finetune: Literal["lora", "full"] = Field("lora", description="lora: train a LoRA adapter; full: train every weight (small students only; saves the whole model).")
     kd_alpha: float = Field(0.5, ge=0, le=1, description="Weight of the cross-entropy term in the KD loss (1.0 = plain SFT).")
