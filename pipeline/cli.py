@@ -169,6 +169,12 @@ def cmd_teacher_server(args: argparse.Namespace) -> int:
     return run_teacher_server(args.model, args.port, n_threads=args.n_threads, n_ctx=args.n_ctx)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.scale.train_launch import train_run
+
+    return train_run(Path(args.run_dir))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distill", description="Distil a teacher LLM into a small student through synthetic data.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -214,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--n-threads", type=int, default=None, help="default: one per core")
     t.add_argument("--n-ctx", type=int, default=2048)
     t.set_defaults(func=cmd_teacher_server)
+
+    tr = sub.add_parser("train", help="train a run's student (after `distill run --data-only`); launch it with "
+                                      "torchrun or accelerate launch for N processes")
+    tr.add_argument("run_dir", help="the run folder, e.g. runs/<run-id>")
+    tr.set_defaults(func=cmd_train)
 
     a = sub.add_parser("ablate", help="logit-distillation ablation over T x alpha, and KD vs SFT over layer cuts")
     a.add_argument("--run-id", help="use this run's accepted data and saved config")
