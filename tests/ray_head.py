@@ -39,7 +39,21 @@ class RayHead:
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rayh-", dir="/tmp"))
         self.log_path = self.temp_dir / "ray-start.log"
 
-    def start(self) -> "RayHead":
+    def start(self, attempts: int = 3) -> "RayHead":
+        """Start the head; on a busy box Ray gives its raylet a fixed 30 s to register, so retry a failed start."""
+        for attempt in range(attempts):
+            try:
+                return self._start_once()
+            except RuntimeError:
+                if attempt == attempts - 1:
+                    raise
+                self.port = free_port()
+                self.address = f"127.0.0.1:{self.port}"
+                self.temp_dir = Path(tempfile.mkdtemp(prefix="rayh-", dir="/tmp"))
+                self.log_path = self.temp_dir / "ray-start.log"
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> "RayHead":
         ray_cli = Path(sys.executable).with_name("ray")
         cmd = [str(ray_cli), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.port}",
                f"--num-cpus={self.num_cpus}", "--include-dashboard=false", "--disable-usage-stats",

@@ -128,3 +128,14 @@ def test_two_process_training_matches_one_process_with_the_same_global_batch(tmp
     assert [p.name for p in (cache / "students").iterdir() if not p.name.endswith(".lock")] == [
         Path(s_sum["student"]).name]
     assert not [p for root in (cache, tmp_path / "runs") for p in root.rglob("*") if p.name.startswith((".tmp", "tmp"))]
+
+
+def test_the_configured_batch_is_split_over_processes_or_refused_with_the_fix():
+    from pipeline.errors import ConfigError
+    from pipeline.scale.distributed import split_batch
+
+    assert split_batch(8, 2, 1) == (8, 2)
+    assert split_batch(8, 2, 4) == (2, 2)  # 2 x 2 x 4 processes = 8 x 2
+    assert split_batch(3, 4, 2) == (3, 2)  # an odd batch splits the accumulation instead
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        split_batch(6, 1, 4)
