@@ -111,15 +111,23 @@ def test_many_writers_keep_cache_ledger_and_order_exact(tmp_path, server):
     assert ledger.as_dict()["generate"]["cached"] == 40 and len(ResponseCache(tmp_path / "c.sqlite")) == 40
 
 
-def test_budget_stops_between_waves(tmp_path, server):
+def test_budget_holds_the_worst_case_of_every_wave(tmp_path, server):
+    from pipeline.teachers.base import worst_case_tokens
+
+    reqs = _chats(20, "budget")
+    w_in, w_out = worst_case_tokens(reqs[0])
+    cap = 4 * (w_in + w_out)  # the first wave (2 shards x 2 requests) fits at its worst case, not much more
     cfg = TeacherConfig(backend="openai", base_url=server.base_url, model="fake", max_retries=1, timeout_s=10,
-                        budget_tokens=50)
+                        budget_tokens=cap)
     teacher = FanOutTeacher(cfg, tmp_path / "c.sqlite", None, ScaleConfig(task_runner="default", workers=2, shard_size=2))
-    out = teacher.generate(_chats(20, "budget"))
+    before = sum(server.requests.values())
+    out = teacher.generate(reqs)
     teacher.close()
     answered = [c for c in out if c.ok]
-    # one wave is 2 shards x 2 requests; a reply costs ~22 tokens, so the first wave crosses 50 tokens
-    assert len(answered) == 4
+    spent = teacher.ledger.totals()
+    assert len(answered) >= 4 and len(answered) < 20
+    assert sum(server.requests.values()) - before == len(answered)  # nothing refused was sent
+    assert spent.tokens_in + spent.tokens_out <= cap
     assert all(c.error == "not attempted: budget reached" for c in out if not c.ok)
 
 

@@ -4,7 +4,8 @@ The driver looks every request up in the response cache, cuts the misses into sh
 Prefect task `answer_shard` over the configured task runner. Each worker builds its own backend with
 `make_teacher` (no scale config, so no recursion) and writes replies into the same SQLite cache (WAL),
 so a crash or a re-run never pays twice. Replies come back in input order; the driver records every
-reply in its own ledger, so per-stage tallies and the budget stay exact whatever the worker count.
+reply in its own ledger, so per-stage tallies and the budget stay exact whatever the worker count (each request's worst
+case is held before its wave is sent).
 
 A multi-machine cluster needs `runs_dir` on a filesystem every node mounts (NFS, a cloud file share):
 SQLite WAL is safe for processes on one host and for hosts sharing one network filesystem with working
@@ -95,8 +96,7 @@ class FanOutTeacher:
         self.model = teacher_cfg.model
         self.cache_path = Path(cache_path)
         self.cache = ResponseCache(self.cache_path)
-        self.ledger = ledger or Ledger(teacher_cfg.price_per_1m_input, teacher_cfg.price_per_1m_output,
-                                       teacher_cfg.budget_usd, teacher_cfg.budget_tokens)
+        self.ledger = ledger or Ledger.for_teacher(teacher_cfg)
         self.scale = scale
         # (host, pid, ray node) -> requests its shards answered; logged at close, read by tests and benchmarks.
         self.workers: Counter[tuple] = Counter()
@@ -123,17 +123,26 @@ class FanOutTeacher:
                 on_done(1)
 
         size = self.scale.shard_size
-        shards = [todo[k:k + size] for k in range(0, len(todo), size)]
-        wave = self.scale.workers
-        for start in range(0, len(shards), wave):
-            # Budget is checked between waves; one wave (workers x shard_size calls) is the most it can overshoot.
-            if self._over_budget():
+        wave = self.scale.workers * size
+        for start in range(0, len(todo), wave):
+            # Each request's worst-case cost is held before its wave goes out, so the cap holds whatever the
+            # worker count; a request that would cross it is not sent (and the ones after it neither).
+            holds: dict[int, str] = {}
+            for i in todo[start:start + wave]:
+                hold = self.ledger.reserve(requests[i])
+                if hold is None:
+                    break
+                holds[i] = hold
+            admitted = list(holds)
+            if admitted:
+                self._run_wave(requests, [admitted[k:k + size] for k in range(0, len(admitted), size)], results,
+                               on_done, holds)
+            if len(admitted) < len(todo[start:start + wave]):
                 break
-            self._run_wave(requests, shards[start:start + wave], results, on_done)
         return [r if r is not None else Completion(error="not attempted: budget reached") for r in results]
 
     def _run_wave(self, requests: list[Request], shards: list[list[int]], results: list[Completion | None],
-                  on_done: Callable[[int], None] | None) -> None:
+                  on_done: Callable[[int], None] | None, holds: dict[int, str]) -> None:
         runner = self._task_runner()
         futures = {runner.submit(answer_shard, {"teacher_cfg": self.cfg, "cache_path": str(self.cache_path),
                                                 "shard": [requests[i] for i in shard]}): shard
@@ -149,12 +158,9 @@ class FanOutTeacher:
                 replies = [Completion(error=f"shard failed on its worker: {type(exc).__name__}: {exc}")] * len(shard)
             for i, c in zip(shard, replies):
                 results[i] = c
-                self.ledger.record(requests[i].stage, c)
+                self.ledger.record(requests[i].stage, c, holds.get(i))
             if on_done:
                 on_done(len(shard))
-
-    def _over_budget(self) -> bool:
-        return self.ledger.over_budget()
 
     def close(self) -> None:
         """Shut the task runner down (a local Ray or Dask cluster this teacher started goes with it)."""
