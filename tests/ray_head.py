@@ -64,7 +64,10 @@ class RayHead:
                f"--metrics-export-port={free_port()}"]
         # Workers import `pipeline` (the shard task) from this checkout, like nodes with the package installed.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-               "RAY_USAGE_STATS_ENABLED": "0", **self.env}
+               "RAY_USAGE_STATS_ENABLED": "0",
+               # Ray turns token authentication on when ~/.ray/auth_token exists (left by any earlier Ray on the box),
+               # and a driver without RAY_AUTH_MODE=token is then refused: this loopback head runs without it.
+               "RAY_AUTH_MODE": "disabled", **self.env}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         deadline = time.monotonic() + self.start_timeout_s
