@@ -260,6 +260,12 @@ def cmd_export_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.scale.train_launch import train_run
+
+    return train_run(Path(args.run_dir))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distill", description="Distil a teacher LLM into a small student through synthetic data.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -320,6 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--source-gguf", help="the GGUF the student was cut from (default: the run's student.cut_from)")
     x.add_argument("--base", help="the student an adapter folder was trained on (default: its adapter_config.json)")
     x.set_defaults(func=cmd_export_model)
+
+    tr = sub.add_parser("train", help="train a run's student (after `distill run --data-only`); launch it with "
+                                      "torchrun or accelerate launch for N processes")
+    tr.add_argument("run_dir", help="the run folder, e.g. runs/<run-id>")
+    tr.set_defaults(func=cmd_train)
 
     a = sub.add_parser("ablate", help="logit-distillation ablation over T x alpha, and distillation methods per layer cut")
     a.add_argument("--run-id", help="use this run's accepted data and saved config")

@@ -200,7 +200,7 @@ class TrainConfig(Strict):
     lora_layers: str = Field("all", description="Decoder layers LoRA wraps (peft layers_to_transform): all, early / middle / late (a third of the student's layers each), or a block 'a-b' (inclusive, student layer numbers).")
     epochs: float = Field(2.0, gt=0, description="Passes over the accepted data.")
     max_steps: int = Field(-1, description="Stop after this many optimiser steps (-1: use epochs).")
-    batch_size: int = Field(4, ge=1, description="Per-device batch size.")
+    batch_size: int = Field(4, ge=1, description="Examples per optimizer step (times grad_accum). On N training processes (torchrun, accelerate launch) each takes batch_size / N, so the effective batch stays batch_size x grad_accum.")
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
     learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
     max_length: int = Field(256, ge=16, description="Tokens per example after the chat template; longer ones are truncated (counted before training).")

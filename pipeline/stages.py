@@ -198,6 +198,10 @@ def train_stage(run: Run) -> dict[str, Any]:
     summary = train(student_dir, accepted, cfg.train, run.dir, student=cfg.student)
     manifest = run.path("datasets", "curated", "manifest.json")
     summary["dataset"] = _read_json(manifest).get("id") if manifest.exists() else None
+    from pipeline.scale.distributed import is_main_process
+
+    if not is_main_process():  # under a multi-process launch only rank 0 writes the run's files
+        return summary
     atomic_write_json(summary_path, summary)
     log.info("train: %d examples, %d steps, loss %.3f -> %.3f, %s tokens/s", summary["examples"], summary["steps"],
              summary["first_loss"] or 0, summary["last_loss"] or 0, summary["tokens_per_s"])
