@@ -1,4 +1,4 @@
-"""Training throughput: our train stage (pipeline.train.sft.train_lora) vs a plain TRL SFTTrainer script on the same
+"""Training throughput: our train stage (pipeline.train.train) vs a plain TRL SFTTrainer script on the same
 student, data and batch size. Each side runs in its own process so peak RSS is its own. Prints JSON.
 
     python bench/train_throughput.py [--records 32] [--steps 8] [--batch-size 4] [--max-length 256]
@@ -38,11 +38,11 @@ def student_dir() -> Path:
 
 def run_ours(args) -> dict:
     from pipeline.config import TrainConfig
-    from pipeline.train.sft import train_lora
+    from pipeline.train import train
 
     cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length, check_memory=False)
     with tempfile.TemporaryDirectory() as out:
-        s = train_lora(student_dir(), load_records(args.records), cfg, Path(out), resume=False)
+        s = train(student_dir(), load_records(args.records), cfg, Path(out), resume=False)
     return {"tokens_per_s": s["tokens_per_s"], "runtime_s": s["runtime_s"], "steps": s["steps"]}
 
 
@@ -54,7 +54,7 @@ def run_plain(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from pipeline.train.sft import to_prompt_completion
+    from pipeline.train.prepare import to_prompt_completion
 
     path = student_dir()
     rows = [{k: r[k] for k in ("prompt", "completion")} for r in to_prompt_completion(load_records(args.records))]

@@ -133,8 +133,8 @@ def curate_stage(run: Run) -> dict[str, Any]:
 
 
 def train_stage(run: Run) -> dict[str, Any]:
-    """Fine-tune the student on the accepted records (LoRA or full; SFT or logit KD) -> adapter/ (or model/)."""
-    from pipeline.train.sft import train_lora
+    """Fine-tune the student on the accepted records with train.method (sft, kd, on-policy) -> adapter/ (or model/)."""
+    from pipeline.train import train
 
     summary_path = run.path("train.json")
     if summary_path.exists():
@@ -144,12 +144,7 @@ def train_stage(run: Run) -> dict[str, Any]:
     if cfg.train.mix_gold:
         accepted += gold_records(cfg.train.mix_gold)
     student_dir = resolve_student(cfg.student.source, cfg.student.drop_layers, cfg.student.cut_from)
-    teacher_dir = None
-    if cfg.train.method == "kd" and cfg.train.kd_source == "model" and cfg.train.kd_alpha < 1.0:
-        # Default teacher: the GGUF the student was cut from, dequantized whole (no layers dropped).
-        teacher_dir = resolve_student(cfg.train.kd_teacher or "embedded-cut", [], cfg.student.cut_from)
-    summary = train_lora(student_dir, accepted, cfg.train, run.dir, teacher_dir=teacher_dir,
-                         chat_template=cfg.student.chat_template)
+    summary = train(student_dir, accepted, cfg.train, run.dir, student=cfg.student)
     manifest = run.path("datasets", "curated", "manifest.json")
     summary["dataset"] = _read_json(manifest).get("id") if manifest.exists() else None
     atomic_write_json(summary_path, summary)

@@ -8,7 +8,7 @@ from pipeline.config import load_config
 from pipeline.generate import answer_instructions, bootstrap_instructions, load_seed_tasks
 from pipeline.models import resolve_gguf, resolve_student
 from pipeline.teachers import Request, make_teacher
-from pipeline.train.sft import train_lora
+from pipeline.train import train_lora
 from tests.conftest import TINY_STUDENT_DROP
 
 

@@ -13,7 +13,8 @@ from pipeline.config import TrainConfig
 from pipeline.errors import DistillError
 from pipeline.models import resolve_student
 from pipeline.records import Record
-from pipeline.train.sft import build_trainer, to_prompt_completion, train_lora
+from pipeline.train import build_trainer, train_lora
+from pipeline.train.prepare import to_prompt_completion
 from tests.conftest import TINY_STUDENT_DROP
 
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from pipeline.config import TrainConfig
 from pipeline.models import resolve_student
-from pipeline.train.sft import build_trainer, train_lora
+from pipeline.train import build_trainer, train_lora
 from tests.conftest import TINY_STUDENT_DROP
 from tests.test_train import _batch_loss, records
 

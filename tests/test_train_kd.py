@@ -13,7 +13,7 @@ from pipeline.errors import DistillError
 from pipeline.models import resolve_student
 from pipeline.records import Record
 from pipeline.train.kd import align_topk, hinton_loss, piece_index
-from pipeline.train.sft import train_lora
+from pipeline.train import train_lora
 from tests.conftest import TINY_STUDENT_DROP
 
 

@@ -146,11 +146,12 @@ def _unique(name: str, taken: dict) -> str:
 
 def train_gold_adapter(out_dir: Path, student_dir: Path, records, train_cfg) -> Path:
     """The gold-trained contender: a LoRA adapter trained like the distilled one on gold records (kept on resume)."""
-    from pipeline.train.sft import train_lora
+    from pipeline.train import train
 
     out_dir = Path(out_dir)
     if not (out_dir / "adapter" / "adapter_config.json").exists():
         # The gold baseline is plain SFT whatever the distillation method (it has no teacher logits).
-        summary = train_lora(student_dir, records, train_cfg.model_copy(update={"method": "sft", "finetune": "lora"}), out_dir)
+        gold_cfg = train_cfg.model_copy(update={"method": "sft", "finetune": "lora", "hidden_loss_weight": 0.0})
+        summary = train(student_dir, records, gold_cfg, out_dir)
         atomic_write_json(out_dir / "train.json", summary)
     return out_dir / "adapter"

@@ -47,7 +47,7 @@ def _cell(out_dir: Path, name: str, work: Callable[[Path], dict[str, Any]]) -> d
 
 def _train_and_score(student_dir: Path, records: list[Record], cfg: RunConfig, teacher_dir: Path | None,
                      method: str, alpha: float, temperature: float) -> Callable[[Path], dict[str, Any]]:
-    from pipeline.train.sft import train_lora
+    from pipeline.train import train as train_lora
 
     def work(cell_dir: Path) -> dict[str, Any]:
         tcfg = cfg.train.model_copy(update={"method": method, "kd_alpha": alpha, "kd_temperature": temperature})

@@ -1,4 +1,5 @@
-"""Logit distillation (Hinton et al. 2015): alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T).
+"""Method kd: logit distillation (Hinton et al. 2015), alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T),
+on the teacher's text through a small SFTTrainer subclass.
 
 The teacher's distribution comes from an in-process HF teacher (the full vocabulary) or from the top-k logprobs
 stored with each record by the generation stage (a KL over the teacher's top-k tokens, renormalised)."""
@@ -6,16 +7,26 @@ stored with each record by the generation stage (a KL over the teacher's top-k t
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from trl import SFTTrainer
 
+with warnings.catch_warnings():  # TRL warns on every trl.experimental import; GKD's loss is what we want from it
+    warnings.simplefilter("ignore")
+    from trl.experimental.gkd import GKDTrainer
+
+from pipeline.config import TrainConfig
 from pipeline.errors import DistillError
+from pipeline.records import Record
+from pipeline.train.prepare import (Prepared, attach_hidden, mask_after_end_of_turn, preflight, sft_args,
+                                    trainer_class)
 
 log = logging.getLogger(__name__)
+
+generalized_jsd_loss = GKDTrainer.generalized_jsd_loss
 
 
 def hinton_loss(student_logits: torch.Tensor, labels: torch.Tensor, alpha: float, temperature: float,
@@ -29,13 +40,15 @@ def hinton_loss(student_logits: torch.Tensor, labels: torch.Tensor, alpha: float
     if alpha >= 1.0 or (teacher_logits is None and teacher_topk is None):
         return ce
     t = temperature
-    log_q = F.log_softmax(student_logits.float() / t, dim=-1)
     if teacher_logits is not None:
-        log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)
-        kl = _kl_terms(log_p, log_q).sum(-1)
+        # TRL's generalized JSD at beta = 0 is the forward KL(teacher_T || student_T), element by element.
+        kl = generalized_jsd_loss(student_logits.float(), teacher_logits.float(), beta=0.0, temperature=t,
+                                  reduction="none").sum(-1)
         valid = torch.ones_like(ce, dtype=torch.bool)
     else:
+        # Stored top-k logprobs: TRL has no loss over a teacher's top-k only, so this KL is written here.
         ids, logprobs, valid = teacher_topk
+        log_q = F.log_softmax(student_logits.float() / t, dim=-1)
         # The stored logprobs are at T=1; softmax(lp / T) over the k tokens is the tempered teacher on its top-k.
         log_p = F.log_softmax(logprobs.float() / t, dim=-1)
         kl = _kl_terms(log_p, log_q.gather(-1, ids)).sum(-1)
@@ -60,19 +73,6 @@ def check_same_vocab(teacher_tok, student_tok, teacher_vocab_size: int, student_
             f"{teacher_name} has {len(tv)} tokens (logits {teacher_vocab_size}), student {student_name} has {len(sv)} "
             f"(logits {student_vocab_size}); {differ} token->id entries differ. Use train.method=sft, or a teacher "
             f"from the student's family (train.kd_teacher).")
-
-
-def load_teacher(teacher_dir: Path | str, student_tok, student_model, dtype, device: str):
-    """The in-process teacher, frozen and in eval mode, after checking it shares the student's vocabulary."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    teacher_tok = AutoTokenizer.from_pretrained(str(teacher_dir))
-    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=dtype)
-    check_same_vocab(teacher_tok, student_tok, teacher.get_output_embeddings().weight.shape[0],
-                     student_model.get_output_embeddings().weight.shape[0], str(teacher_dir),
-                     str(getattr(student_model, "name_or_path", "the student")))
-    teacher.requires_grad_(False)
-    return teacher.to(device).eval()
 
 
 def piece_index(tokenizer) -> dict[str, int]:
@@ -159,3 +159,59 @@ class KDTrainer(SFTTrainer):
             if hasattr(self, "_metrics"):
                 self._metrics["train"]["num_tokens"] = [self.kd_tokens]
         return (loss, outputs) if return_outputs else loss
+
+
+# KD needs each example whole and padded (teacher forward, top-k lookup by token ids): no packing.
+PACKING_OK = False
+
+
+def needs_teacher(cfg: TrainConfig) -> bool:
+    """An in-process teacher unless the teacher's distributions come stored with the records (or alpha = 1)."""
+    return cfg.kd_alpha < 1.0 and cfg.kd_source == "model"
+
+
+def build(prep: Prepared):
+    from datasets import Dataset
+
+    cfg = prep.cfg
+    cls = trainer_class(prep, KDTrainer)
+    trainer = cls(model=prep.model, args=sft_args(prep), train_dataset=Dataset.from_list(prep.rows),
+                  processing_class=prep.tokenizer, peft_config=prep.lora, kd_alpha=cfg.kd_alpha,
+                  kd_temperature=cfg.kd_temperature, teacher=prep.teacher if needs_teacher(cfg) else None)
+    attach_hidden(prep, trainer)
+    mask_ok = mask_after_end_of_turn(prep, trainer)
+    coverage = None
+    if cfg.kd_alpha < 1.0 and cfg.kd_source == "logprobs":
+        trainer.topk_lookup, coverage = topk_lookup(prep.tokenizer, trainer.train_dataset, prep.records)
+    prep.extra["kd"] = {"alpha": cfg.kd_alpha, "temperature": cfg.kd_temperature, "source": cfg.kd_source,
+                        "teacher": str(prep.teacher_dir) if trainer.teacher is not None else None,
+                        "coverage": coverage,
+                        # The dict is filled during training: rows of each batch matched to stored top-k.
+                        "rows_with_topk": trainer.topk_rows if trainer.topk_lookup is not None else None}
+    return trainer, preflight(prep, trainer, mask_ok)
+
+
+def topk_lookup(tokenizer, dataset, records: list[Record]) -> tuple[dict[tuple, tuple], dict]:
+    """Token ids of each example -> (positions, teacher top-k ids, logprobs), from the records' stored logprobs."""
+    stored = [getattr(r, "teacher_logprobs", None) for r in records]
+    if not any(stored):
+        raise DistillError("train.kd_source=logprobs but no record carries teacher top-k logprobs. Generate with "
+                           "logprobs captured, or use train.kd_source=model (an in-process teacher).")
+    index = piece_index(tokenizer)
+    k = max((len(e.get("top") or {}) for lp in stored if lp for e in lp), default=1)
+    lookup, unknown, seen, aligned, trained = {}, 0, 0, 0, 0
+    for ex in dataset:
+        pos, ids, lps, unk = align_topk(tokenizer, ex["input_ids"], ex["labels"], stored[ex["record_index"]], index, k)
+        unknown += unk
+        seen += sum(len(e.get("top") or {}) for e in (stored[ex["record_index"]] or [])[:len(pos) + 1])
+        aligned += len(pos)
+        trained += sum(1 for lab in ex["labels"] if lab != -100)
+        if pos:
+            lookup[tuple(ex["input_ids"])] = (torch.tensor(pos), torch.tensor(ids), torch.tensor(lps))
+    if seen and unknown > 0.05 * seen:
+        raise DistillError(f"Logit distillation needs teacher and student to share one vocabulary, and they differ: "
+                           f"{unknown} of {seen} stored teacher top-k tokens are not in the student's vocabulary. "
+                           f"Use train.method=sft, or a student from the teacher's family.")
+    log.info("KD from stored logprobs: teacher top-%d on %d of %d trained tokens (the rest train on CE only).",
+             k, aligned, trained)
+    return lookup, {"top_k": k, "tokens_with_teacher": aligned, "trained_tokens": trained}
