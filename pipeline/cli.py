@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key for every cell, e.g. --set train.max_steps=32 (repeatable)")
     st.add_argument("--budget", choices=["small", "profile"], default="small",
-                    help="small (default): a CPU-sized budget (train.max_steps=24, 40 eval items, 96 new tokens) "
+                    help="small (default): a CPU-sized budget (train.max_steps=16, 30 eval items, 64 new tokens) "
                          "under your --set keys; profile: the config's own settings")
     st.add_argument("--out", help="output folder (default: the run's study/, or ./study); rerun to resume")
     st.add_argument("--questions", default="1,2,3", help="which questions: 1 data, 2 placement, 3 cuts")

@@ -33,15 +33,17 @@ def cell(label: str, shift: float, noise: float = 0.0, steps: int | None = 8) ->
                                                              "trainable_params": 1000}, "seconds": 1.0}
 
 
-def saved_study(questions=("q1", "q3")) -> dict:
+def saved_study(questions=("q1", "q2", "q3")) -> dict:
     """A study as run_study would assemble it, with hand-made per-item scores."""
-    options = StudyOptions(questions=questions, methods=("sft", "kd"))
+    options = StudyOptions(questions=questions, methods=("sft", "kd"), targets=("attention", "mlp", "all-linear"),
+                           layers=("early", "late"))
     shifts = {"raw student": 0.0, "teacher": 0.2, "distilled sft": 0.03, "gold sft": 0.0,
-              "distilled kd": 0.0, "gold kd": 0.0}
+              "distilled kd": 0.0, "gold kd": 0.0, "all-linear, all layers": 0.03, "attention, all layers": 0.05,
+              "mlp, all layers": 0.03, "all-linear, early layers": 0.0, "all-linear, late layers": 0.01}
     cells, plan = {}, []
     for c in plan_cells(options):
         key = f"{c.data}-{c.label.replace(' ', '_')}"
-        noise = 0.05 if c.label == "distilled kd" else 0.0
+        noise = 0.05 if c.label in ("distilled kd", "mlp, all layers") else 0.0
         cells[key] = cell(c.label, shifts[c.label], noise, steps=None if c.data in ("raw", "teacher") else 8)
         plan.append({"question": c.question, "label": c.label, "data": c.data, "overrides": list(c.overrides),
                      "group": c.group, "key": key})
@@ -84,14 +86,23 @@ def test_study_report_gives_paired_verdicts_from_saved_cells(tmp_path):
     assert "KD beats SFT at: middle:10" in f["answers"]["q3"]
     assert f["answers"]["q1"].startswith("sft: distilled is better than gold (+0.030")
 
+    # Q2: each placement against the raw student and against all-linear on all layers.
+    q2 = {r["label"]: r for r in f["q2"]["rows"]}
+    assert q2["attention, all layers"]["vs_reference"]["verdict"] == "better"
+    assert q2["mlp, all layers"]["vs_reference"]["verdict"] == "not distinguishable"
+    assert q2["all-linear, early layers"]["vs_reference"]["verdict"] == "worse"
+    assert q2["all-linear, late layers"]["vs_raw"]["verdict"] == "better"
+    assert "all-linear, all layers" in q2 and "vs_reference" not in q2["all-linear, all layers"]  # it is the reference
+    assert "better than all-linear on all layers: attention, all layers." in f["answers"]["q2"]
+
     write_study_report(tmp_path, study)
     md = (tmp_path / "study.md").read_text()
-    assert "## Q1." in md and "## Q3." in md and "## Q2." not in md
+    assert "## Q1." in md and "## Q2." in md and "## Q3." in md
     assert "| sft | " in md and "**better**" in md and " n.d." in md
     assert "```yaml\ntrain:\n  max_steps: 8\n```" in md  # the exact resolved config rides along
     assert json.loads((tmp_path / "study.json").read_text())["findings"]["q1"]["rows"][0]["method"] == "sft"
     assert (tmp_path / "q1_data.png").stat().st_size > 1000 and (tmp_path / "q3_cuts.png").stat().st_size > 1000
-    assert not (tmp_path / "q2_placement.png").exists()
+    assert (tmp_path / "q2_placement.png").stat().st_size > 1000
 
 
 def test_comparing_cells_scored_on_different_items_is_refused():
