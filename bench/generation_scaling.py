@@ -5,6 +5,11 @@ workers * concurrency / latency requests per second until something saturates (t
 clients share this box's cores). Cluster start-up is excluded: a warm-up batch runs first for each point.
 
     python bench/generation_scaling.py --runner ray --workers 1,2,4 --latency 0.05 > scaling.json
+
+Against a Ray cluster joined by address (`scale.ray_address`), as on a real cluster:
+
+    python bench/generation_scaling.py --runner ray --ray-address HEAD:6379 --workers 1,2,4
+    python bench/generation_scaling.py --runner ray --start-head 4 --workers 1,2,4   # `ray start --head` here first
 """
 
 from __future__ import annotations
@@ -50,13 +55,36 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=192, help="requests per point")
     p.add_argument("--shard-size", type=int, default=24,
                    help="requests per shard: each shard pays a Prefect task run (a few API calls) and a new client")
+    p.add_argument("--ray-address", help="join this Ray cluster (HOST:PORT or ray://HOST:10001) by address")
+    p.add_argument("--start-head", type=int, metavar="CPUS",
+                   help="start a Ray head of CPUS CPUs on this box with `ray start --head` (free ports) and join it "
+                        "by address; it is stopped at the end")
     a = p.parse_args()
     counts = [int(w) for w in a.workers.split(",")]
-    if a.runner == "ray":
+    head = None
+    if a.start_head:
+        from tests.ray_head import RayHead
+
+        head = RayHead(num_cpus=a.start_head).start()
+        a.ray_address = head.address
+    if a.runner == "ray" and not a.ray_address:
         import ray
 
         # One local cluster for every point; RayTaskRunner joins an initialised Ray instead of starting its own.
         ray.init(num_cpus=max(counts), include_dashboard=False, log_to_driver=False)
+    try:
+        result = run_points(a, counts)
+    finally:
+        if head is not None:
+            head.stop()
+    result["cluster"] = ({"joined_by_address": a.ray_address, "started_here_with_ray_start": head is not None,
+                          "head_cpus": a.start_head} if a.ray_address else
+                         {"joined_by_address": None, "local_ray_init_cpus": max(counts)} if a.runner == "ray" else None)
+    print(json.dumps(result, indent=2))
+
+
+def run_points(a, counts: list[int]) -> dict:
+    """The one-process baseline, then one point per worker count (a fresh fan-out teacher and cache each)."""
     points = []
     with FakeOpenAIServer(latency_s=a.latency) as server, tempfile.TemporaryDirectory() as tmp:
         cfg = TeacherConfig(backend="openai", base_url=server.base_url, model="fake", max_concurrency=a.concurrency,
@@ -66,19 +94,22 @@ def main() -> None:
         base.close()
         for w in counts:
             teacher = FanOutTeacher(cfg, Path(tmp) / f"w{w}.sqlite", None,
-                                    ScaleConfig(task_runner=a.runner, workers=w, shard_size=a.shard_size))
+                                    ScaleConfig(task_runner=a.runner, workers=w, shard_size=a.shard_size,
+                                                ray_address=a.ray_address if a.runner == "ray" else None))
             r = measure(teacher, a.requests, f"w{w}", w * a.shard_size)
             teacher.close()
-            r.update(workers=w, ideal_req_per_s=round(w * a.concurrency / a.latency, 1))
+            # Where the shards really ran (warm-up included): worker processes, hosts and Ray nodes.
+            r.update(workers=w, ideal_req_per_s=round(w * a.concurrency / a.latency, 1),
+                     worker_processes=len(teacher.workers), hosts=len({k[0] for k in teacher.workers}),
+                     ray_nodes=len({k[2] for k in teacher.workers if k[2]}))
             points.append(r)
     for r in points:
         r["speedup_vs_1_worker"] = round(r["req_per_s"] / points[0]["req_per_s"], 2)
         r["efficiency_vs_ideal"] = round(r["req_per_s"] / r["ideal_req_per_s"], 2)
-    print(json.dumps({"bench": "generation_scaling", "runner": a.runner, "latency_s": a.latency,
-                      "concurrency_per_worker": a.concurrency, "shard_size": a.shard_size,
-                      "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 1),
-                      "python": platform.python_version(), "single_process_no_fanout": single, "points": points},
-                     indent=2))
+    return {"bench": "generation_scaling", "runner": a.runner, "latency_s": a.latency,
+            "concurrency_per_worker": a.concurrency, "shard_size": a.shard_size,
+            "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 1),
+            "python": platform.python_version(), "single_process_no_fanout": single, "points": points}
 
 
 if __name__ == "__main__":

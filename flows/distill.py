@@ -70,8 +70,8 @@ def promote(run_dir: str, model_id: str) -> dict:
     create_markdown_artifact(
         key="distill-promotion",
         markdown=f"# Registry decision: {model_id} {verdict}\n\n{decision.reason}\n\n"
-                 f"- champion before: `{decision.champion_id}`\n- metric: `{decision.metric}`, delta "
-                 f"{decision.delta}, CI half-width {decision.margin}\n\n| guard | champion | challenger | result |\n"
+                 f"- champion before: `{decision.champion_id}`\n- metric: `{decision.metric}`, paired difference "
+                 f"{decision.delta}, 95% interval half-width {decision.margin}\n\n| guard | champion | challenger | result |\n"
                  f"| --- | --- | --- | --- |{checks}\n",
         description="Champion/challenger decision")
     get_run_logger().info("registry: %s %s: %s", model_id, "promoted to champion" if decision.promoted

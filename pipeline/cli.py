@@ -55,24 +55,49 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+_SHORT = {"teacher": "teacher", "raw_student": "raw", "distilled_student": "distilled", "gold_student": "gold"}
+_QUESTIONS = (("distilled_vs_raw", "distilled vs raw"), ("distilled_vs_gold", "distilled vs gold"),
+              ("distilled_vs_teacher", "distilled vs teacher"))
+
+
 def print_summary(result: dict, elapsed: float) -> None:
     print("\n" + "=" * 72)
     print(f"distill finished in {elapsed / 60:.1f} min. Run folder: {result['run_dir']}")
     print(f"  data: {result.get('accepted')} accepted, {result.get('rejected')} rejected")
-    for key, label in (("teacher", "teacher"), ("raw_student", "raw student"), ("distilled_student", "distilled student")):
-        if isinstance(result.get(key), (int, float)):  # a data-only run names the teacher here instead
-            print(f"  ROUGE-L {label:<18} {result[key]:.3f}")
+    if result.get("sets"):
+        for line in verdict_lines(result["sets"]):
+            print("  " + line)
+    else:  # a data-only run names the teacher here instead
+        for key, label in (("teacher", "teacher"), ("raw_student", "raw student"), ("distilled_student", "distilled student")):
+            if isinstance(result.get(key), (int, float)):
+                print(f"  ROUGE-L {label:<18} {result[key]:.3f}")
     for key, label in (("raw_student", "raw student"), ("distilled_student", "distilled student")):
         if f"{key}_win_rate" in result:
             print(f"  judge win rate {label:<11} {result[f'{key}_win_rate']:.0%}")
-    if "distilled_minus_raw" in result:
-        print(f"  distilled - raw: {result['distilled_minus_raw']:+.3f}; "
-              f"keeps {result.get('distilled_keeps_of_teacher', float('nan')):.0%} of the teacher")
     if "decision" in result:
         print(f"  registry: {'champion' if result.get('promoted') else 'challenger'}: {result['decision']}")
     if result.get("report"):
         print(f"  report: {result['report']}")
     print("=" * 72)
+
+
+def verdict_lines(sets: dict) -> list[str]:
+    """Per held-out set: ROUGE-L per contender, then the three questions as paired differences [95% CI]."""
+    lines = []
+    for name, s in sets.items():
+        scores = "  ".join(f"{_SHORT.get(k, k)} {v:.3f}" for k, v in (s.get("rouge_l") or {}).items() if v is not None)
+        lines.append(f"{name} ({s.get('items')} items), ROUGE-L: {scores}")
+        for key, label in _QUESTIONS:
+            p = (s.get("paired") or {}).get(key)
+            if not p or not p.get("n"):
+                continue
+            verdict = p["verdict"] + (f" on {p['n']} items (~{p['n_needed']} needed)"
+                                      if p["verdict"] == "not distinguishable" and p.get("n_needed") else "")
+            lines.append(f"  {label:<21} {p['mean']:+.3f} [{p['lo']:+.3f}, {p['hi']:+.3f}]  {verdict}")
+        k = s.get("keeps_of_teacher") or {}
+        if k.get("ratio") is not None and k["ratio"] == k["ratio"]:
+            lines.append(f"  {'keeps of the teacher':<21} {k['ratio']:.0%} [{k['lo']:.0%}, {k['hi']:.0%}]")
+    return lines
 
 
 def cmd_dedupe(args: argparse.Namespace) -> int:
@@ -123,6 +148,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.errors import ConfigError
     from pipeline.store import load_records
+    import yaml
+
     from pipeline.train.ablation import cut_depth, kd_grid
 
     if bool(args.run_id) == bool(args.data):
@@ -143,14 +170,30 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     if cfg.train.mix_gold:
         from pipeline.stages import gold_records
 
-        records += gold_records(cfg.train.mix_gold)
+        records += gold_records(cfg.train.mix_gold, cfg)[0]  # decontaminated like curated data
     result: dict = {"records": len(records), "data": str(data)}
     if args.grid:
         result["grid"] = kd_grid(cfg, records, out, temperatures=[float(t) for t in args.temperatures.split(",")],
                                  alphas=[float(a) for a in args.alphas.split(",")])
     if args.cuts:
-        result["cut_depth"] = cut_depth(cfg, records, out, [c.strip() for c in args.cuts.split(";") if c.strip()],
-                                        alpha=args.cut_alpha, temperature=args.cut_temperature)
+        overrides: dict[str, dict] = {}
+        for item in args.method_set:  # 'on-policy:max_steps=30' -> train.max_steps=30 for that contender only
+            spec, _, kv = item.partition(":")
+            key, _, value = kv.partition("=")
+            if not key or not value:
+                raise ConfigError(f"--method-set {item!r} must look like CONTENDER:KEY=VALUE, e.g. on-policy:max_steps=30.")
+            overrides.setdefault(spec.strip(), {})[key.strip()] = yaml.safe_load(value)
+        rows = cut_depth(cfg, records, out, [c.strip() for c in args.cuts.split(";") if c.strip()],
+                         alpha=args.cut_alpha, temperature=args.cut_temperature,
+                         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                         hidden_weight=args.hidden_weight, method_overrides=overrides)
+        result["cut_depth"] = [{k: r.get(k) for k in ("cut", "contender", "rouge_l", "perplexity", "hit_limit",
+                                                      "train_wall_s")} for r in rows]
+        for r in rows:
+            if r.get("vs_sft"):
+                d = r["vs_sft"]
+                print(f"cut {r['cut']}: {r['contender']} - sft = {d['mean']:+.4f} ROUGE-L "
+                      f"[{d['lo']:+.4f}, {d['hi']:+.4f}] over {d['n']} items ({d['verdict']})")
     print(json.dumps(result, indent=2, default=str))
     print(f"ablation written to {out}")
     return 0
@@ -234,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--n-ctx", type=int, default=2048)
     t.set_defaults(func=cmd_teacher_server)
 
-    a = sub.add_parser("ablate", help="logit-distillation ablation over T x alpha, and KD vs SFT over layer cuts")
+    a = sub.add_parser("ablate", help="logit-distillation ablation over T x alpha, and distillation methods per layer cut")
     a.add_argument("--run-id", help="use this run's accepted data and saved config")
     a.add_argument("--runs-dir", default="runs")
     a.add_argument("--data", help="an accepted.parquet to train on instead of a run's (config from --profile)")
@@ -248,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--cuts", help="layer cuts separated by ';', e.g. '12-17;middle:10;every:2'")
     a.add_argument("--cut-alpha", type=float, default=0.5, help="KD alpha for the layer-cut table")
     a.add_argument("--cut-temperature", type=float, default=2.0, help="KD temperature for the layer-cut table")
+    a.add_argument("--methods", default="sft,kd", help="contenders per cut beside the raw student: sft, kd, on-policy, "
+                   "each optionally +hidden (the hidden-state term), e.g. 'sft,kd,on-policy,sft+hidden'")
+    a.add_argument("--hidden-weight", type=float, default=1.0, help="train.hidden_loss_weight of the +hidden contenders")
+    a.add_argument("--method-set", action="append", default=[], metavar="CONTENDER:KEY=VALUE",
+                   help="a train.* override for one contender, e.g. on-policy:max_steps=30 (repeatable)")
     a.set_defaults(func=cmd_ablate)
 
     st = sub.add_parser("study", help="one report on three questions: distilled vs gold data, where adapters help, "

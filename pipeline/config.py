@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline import DATA_DIR, PROFILES_DIR
 from pipeline.errors import ConfigError
@@ -90,8 +90,8 @@ class GenerateConfig(Strict):
 
 
 class CurateConfig(Strict):
-    min_words: int = Field(3, ge=0, description="Drop instructions shorter than this (Alpaca: 3).")
-    max_words: int = Field(150, ge=1, description="Drop instructions longer than this (Alpaca: 150).")
+    min_words: int = Field(4, ge=0, description="Drop instructions of fewer words than this (whitespace split). The default 4 is Alpaca's rule exactly: it drops `len(inst.split()) <= 3`.")
+    max_words: int = Field(150, ge=1, description="Drop instructions of more words than this (Alpaca: `len(inst.split()) > 150`).")
     blacklist: list[str] = Field(
         default_factory=lambda: ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files",
                                  "map", "maps", "draw", "plot", "go to", "video", "audio", "music",
@@ -104,6 +104,72 @@ class CurateConfig(Strict):
     decontaminate_threshold: float = Field(0.5, gt=0, le=1, description="Drop a record when this fraction of its instruction+input n-grams occurs in an eval item.")
     prior_datasets: list[Path] = Field(default_factory=list, description="Earlier dataset version folders (runs/<id>/datasets/curated): their saved near-duplicate pool counts as kept, so new data is deduped against every earlier version.")
     top_leading_verbs: int = Field(20, ge=1, description="How many leading verbs the diversity statistics list.")
+    quality: list[QualityScorer] = Field(default_factory=list, description="Model-based scorers applied in order after the rules and near-duplicates, each to the records still accepted: judge, ifd, reward (e.g. [{scorer: ifd, keep_fraction: 0.8}]). Scores are saved on every record.")
+    select: SelectConfig | None = Field(None, description="Keep the top records by combined score, per leading-verb bucket; the rest become rejects with reason not_selected. null: keep all.")
+
+    @model_validator(mode="after")
+    def _select_has_scores(self) -> "CurateConfig":
+        if self.select is not None and self.select.by != "random":
+            names = {q.scorer for q in self.quality}
+            if not names or (self.select.by != "quality" and self.select.by not in names):
+                raise ValueError(f"curate.select.by={self.select.by} needs "
+                                 f"{'a curate.quality scorer' if self.select.by == 'quality' else 'the ' + self.select.by + ' scorer in curate.quality'}"
+                                 f" (configured: {sorted(names) or 'none'}); add it, or use by: random")
+        return self
+
+
+class JudgeScorerConfig(Strict):
+    """AlpaGasus: a teacher rates each (instruction, input, output) 1-5 with a short reason."""
+
+    scorer: Literal["judge"] = Field("judge", description="Rate each record 1-5 with a short reason through a teacher backend (prompts/judge_rating.j2); same cache, ledger and budget as generation.")
+    teacher: TeacherConfig | None = Field(None, description="The judge (any teacher backend, same keys as teacher:); null: the run's own teacher.")
+    min_score: float | None = Field(4.0, ge=1, le=5, description="Reject records rated below this as low_judge_score (AlpaGasus kept 4.5 and up on 0-5); null: no threshold.")
+    keep_fraction: float | None = Field(None, gt=0, le=1, description="Then keep only this top fraction by rating (ties kept together); null: no fraction.")
+    max_tokens: int = Field(96, ge=8, description="Max new tokens of the judge's reply (a score line and a one-sentence reason).")
+
+
+class IFDScorerConfig(Strict):
+    """Cherry LLM (Li et al. 2023): instruction-following difficulty computed by a small local model."""
+
+    scorer: Literal["ifd"] = Field("ifd", description="IFD = loss(answer | instruction) / loss(answer alone) under a small local model, batched.")
+    model: str = Field("student", description="student: the configured student (before training); or a local HF checkpoint dir or hub id.")
+    max_ifd: float | None = Field(1.0, gt=0, description="Reject records with IFD >= this as low_ifd (at 1 the instruction does not help predict the answer); null: no threshold.")
+    keep_fraction: float | None = Field(None, gt=0, le=1, description="Then reject the bottom (1 - keep_fraction) by IFD as low_ifd; null: no fraction.")
+    batch_size: int = Field(8, ge=1, description="Records per forward pass.")
+    max_length: int = Field(512, ge=16, description="Token budget per record (prompt + answer); longer answers are cut to fit.")
+
+
+class RewardScorerConfig(Strict):
+    """A local reward model (a sequence-classification checkpoint with one output) scores each (prompt, answer)."""
+
+    scorer: Literal["reward"] = Field("reward", description="Score each record with a local reward model.")
+    model: str = Field(..., description="A local HF checkpoint dir (AutoModelForSequenceClassification, one label) with a chat template; a hub id only when online.")
+    min_score: float | None = Field(None, description="Reject records scored below this as low_reward; null: no threshold.")
+    keep_fraction: float | None = Field(None, gt=0, le=1, description="Then keep only this top fraction by reward; null: no fraction.")
+    batch_size: int = Field(8, ge=1, description="Records per forward pass.")
+    max_length: int = Field(512, ge=16, description="Tokens per record; longer ones are truncated.")
+
+
+QualityScorer = Annotated[Union[JudgeScorerConfig, IFDScorerConfig, RewardScorerConfig], Field(discriminator="scorer")]
+
+
+class SelectConfig(Strict):
+    """Keep the top records by combined quality score, stratified so no kind of instruction vanishes (DEITA-style)."""
+
+    keep_fraction: float | None = Field(None, gt=0, le=1, description="Keep this fraction of the records that passed every other check (give this or keep_top_n).")
+    keep_top_n: int | None = Field(None, ge=1, description="Keep this many records (give this or keep_fraction).")
+    by: str = Field("quality", description="Rank by: quality (the combined score of every scorer that ran), judge, ifd, reward, or random (no score: a stratified random sample).")
+    diversity: Literal["leading_verb", "none"] = Field("leading_verb", description="leading_verb: every leading-verb bucket keeps its share (at least one record) and the top records within it; none: the global top.")
+    bucket_min_size: int = Field(3, ge=1, description="leading_verb: verbs with fewer records than this share one bucket, so one-off verbs do not each claim a guaranteed slot.")
+    seed: int = Field(0, description="Seeds tie-breaks and the random choice; the same seed gives the same selection.")
+
+    @model_validator(mode="after")
+    def _one_size(self) -> "SelectConfig":
+        if (self.keep_fraction is None) == (self.keep_top_n is None):
+            raise ValueError("give exactly one of keep_fraction or keep_top_n")
+        if self.by not in ("quality", "judge", "ifd", "reward", "random"):
+            raise ValueError(f"by must be quality, judge, ifd, reward or random (got {self.by!r})")
+        return self
 
 
 class StudentConfig(Strict):
@@ -156,17 +222,82 @@ class TrainConfig(Strict):
     padding_free: Literal["auto", "on", "off"] = Field("auto", description="Padding-free batching (examples packed whole into rows, no padding): auto = on for CUDA, off on CPU; on/off force it. Uses flash-attention when installed, else a block-diagonal sdpa mask.")
     check_memory: bool = Field(True, description="Warn before training when the memory estimate exceeds what is free (RAM on CPU, GPU memory on CUDA).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_key_names(cls, data: Any) -> Any:
+        # Runs saved before lora_target existed wrote target_modules into their config.yaml; they must still load.
+        if isinstance(data, dict) and "target_modules" in data:
+            data = dict(data)
+            old = data.pop("target_modules")
+            data.setdefault("lora_target", old)
+        return data
+
+
+class EvalSetConfig(Strict):
+    """One held-out set: every contender answers its items, and it gets its own table and paired verdicts."""
+
+    name: str = Field(description="Short name shown in the report, the summary and eval/outputs.jsonl (e.g. alpaca-dev).")
+    path: Path = Field(description="Held-out instructions with references: Alpaca JSON/JSONL (instruction, input, output) or Self-Instruct JSONL (instruction, instances).")
+    limit: int | None = Field(None, ge=1, description="Evaluate on the first N items of this set (null: evaluate.limit).")
+
+
+def _default_eval_sets() -> list[EvalSetConfig]:
+    # Two kinds of held-out set: Alpaca's dev split (the distribution the pipeline is tuned on) and a fixed slice of
+    # the human-written Self-Instruct seed tasks, which the generator never sees (seed tasks that are eval items are
+    # taken out of its seed pool) and which curate decontaminates against.
+    return [EvalSetConfig(name="alpaca-dev", path=DATA_DIR / "alpaca_dev.jsonl"),
+            EvalSetConfig(name="self-instruct-heldout", path=DATA_DIR / "self_instruct_heldout.jsonl")]
+
 
 class EvaluateConfig(Strict):
-    eval_set: Path = Field(DATA_DIR / "alpaca_dev.jsonl", description="Held-out instructions with references (Alpaca JSON/JSONL).")
-    limit: int = Field(30, ge=1, description="Evaluate on the first N items of the set.")
+    eval_sets: list[EvalSetConfig] = Field(default_factory=_default_eval_sets, min_length=1, description="Held-out sets, each reported side by side (the first is the primary one the registry's guard metrics come from). Every set is removed from the generator's seed pool and decontaminated against in curate and in the gold training data. The older single-file key evaluate.eval_set: FILE still works and means one set.")
+    limit: int = Field(30, ge=1, description="Evaluate on the first N items of each set (a set's own limit wins).")
     max_new_tokens: int = Field(128, ge=8, description="Max new tokens per answer, for every contender.")
     batch_size: int = Field(8, ge=1, description="Batched generation size for the students.")
-    bootstrap_samples: int = Field(1000, ge=100, description="Bootstrap resamples for confidence intervals.")
+    bootstrap_samples: int = Field(1000, ge=100, description="Bootstrap resamples for confidence intervals and paired differences.")
     judge: TeacherConfig | None = Field(None, description="Pairwise LLM judge (any teacher backend, same keys as teacher:); null skips the judge. The embedded 135M model answers in format but cannot tell answers apart ('I don't know.' won 42% against the reference), so the CPU demo leaves it off.")
     judge_baseline: Literal["reference", "teacher"] = Field("reference", description="What each contender's answer is judged against: the eval set's reference answer or the teacher's.")
     perplexity: bool = Field(True, description="Perplexity of the reference answers under each student (response tokens only).")
-    gold_student: bool = Field(False, description="Also train a student on as many gold Alpaca records as were accepted, and evaluate it.")
+    gold_student: bool = Field(True, description="Also train the student on the original data (gold_train), same method, steps and number of examples as the distilled one, decontaminated like curated data, and evaluate it: does distillation beat simply training on the original data?")
+    gold_train: Path = Field(DATA_DIR / "alpaca_gold_train.jsonl", description="The original data for the gold-trained student and train.mix_gold (Alpaca JSON/JSONL: instruction, input, output); the embedded default is Alpaca's train split.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_eval_set(cls, data: Any) -> Any:
+        # The older single-file form, evaluate.eval_set: FILE, means one set named after the file.
+        if isinstance(data, dict) and "eval_set" in data:
+            if "eval_sets" in data:
+                raise ValueError("give evaluate.eval_sets (a list of {name, path, limit}) or the older evaluate.eval_set "
+                                 "(one file), not both")
+            path = data["eval_set"]
+            data = {k: v for k, v in data.items() if k != "eval_set"}
+            data["eval_sets"] = [{"name": Path(str(path)).stem or "eval", "path": path}]
+        return data
+
+    @field_validator("eval_sets")
+    @classmethod
+    def _unique_names(cls, v: list[EvalSetConfig]) -> list[EvalSetConfig]:
+        names = [s.name for s in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"eval set names must be unique (got {names})")
+        return v
+
+    @property
+    def eval_set(self) -> Path:
+        """The primary (first) eval set's file, for code that reads one set."""
+        return self.eval_sets[0].path
+
+    def set_limit(self, s: EvalSetConfig) -> int:
+        """How many items of set `s` are evaluated."""
+        return s.limit or self.limit
+
+    @field_validator("judge")
+    @classmethod
+    def _one_budget(cls, v: TeacherConfig | None) -> TeacherConfig | None:
+        if v is not None and (v.budget_usd is not None or v.budget_tokens is not None):
+            raise ValueError("a run has one budget: set teacher.budget_usd / teacher.budget_tokens; the judge's calls "
+                             "count against it at evaluate.judge's prices, so remove evaluate.judge.budget_*")
+        return v
 
 
 class RetrainConfig(Strict):
@@ -174,7 +305,7 @@ class RetrainConfig(Strict):
 
     cron: str = Field("0 3 * * 1", description="When distill/retrain runs (cron, 5 fields; default Mondays 03:00).")
     timezone: str = Field("UTC", description="IANA timezone of the cron schedule, e.g. Europe/Berlin.")
-    metric: str = Field("rouge_l", description="Metric a challenger must beat the champion on (higher is better), by more than its 95% CI half-width.")
+    metric: str = Field("rouge_l", description="Per-item metric a challenger must beat the champion on: rouge_l or win_rate (judged runs). Promotion needs a paired 95% bootstrap interval of challenger - champion on the eval items both answered that excludes 0; no shared items, no promotion.")
     guards: dict[str, float] = Field(default_factory=lambda: {"tokens_per_s": 0.3}, description="Other metrics and the relative regression each may show (0.3 = 30% worse) before a promotion is refused; latency_s/perplexity count lower as better.")
 
     @field_validator("cron")

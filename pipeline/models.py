@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 from pipeline.errors import ModelNotFoundError
+
+log = logging.getLogger(__name__)
 
 # Packaged GGUF models: alias -> (PyPI package, file inside it, how to install it).
 PACKAGED_GGUF = {
@@ -119,29 +125,61 @@ def cut_student_from_gguf(gguf: Path, drop_layers: list[int] | str) -> Path:
     out = cache_dir() / "students" / f"{gguf.stem}-cut-{digest}"
     if (out / "config.json").exists():
         return out
+    from filelock import FileLock, Timeout
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes may ask at once (the ranks of a multi-process training launch, parallel runs): the first
+    # to take the lock cuts, the others wait and then find the finished folder. flock is released by the kernel
+    # when a holder dies, so a killed cut never blocks the next caller.
+    lock = FileLock(str(out.parent / f".{out.name}.lock"))
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        log.info("Another process is cutting the student into %s; waiting for it.", out)
+        lock.acquire()
+    try:
+        if (out / "config.json").exists():
+            return out
+        _cut_into(gguf, drop_layers, out)
+    finally:
+        lock.release()
+    return out
+
+
+def _cut_into(gguf: Path, drop_layers: list[int] | str, out: Path) -> None:
+    """Cut the student and move it into `out` atomically (callers hold the cut's lock)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    remove_layers(model, drop_layers)
+    log.info("Cutting the student from %s (dropping layers %s) into %s.", gguf.name, drop_layers, out)
+    kept = remove_layers(model, drop_layers)
     # A GGUF-loaded model refuses to save or train until the quantizer marks are cleared (ENVIRONMENT.md).
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, out)  # atomic: a killed build never leaves a half-saved student behind
+        # Where the student came from, for people and for the tests that check it was cut once.
+        (tmp / "cut.json").write_text(json.dumps({"gguf": str(gguf), "drop_layers": drop_layers, "kept_layers": kept,
+                                                  "pid": os.getpid(), "host": socket.gethostname(),
+                                                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+        try:
+            os.replace(tmp, out)  # atomic: a killed build never leaves a half-saved student behind
+        except OSError:
+            # A finished folder already there (a process that did not share our lock, e.g. on another host of a
+            # shared filesystem): keep it, ours is identical.
+            if not (out / "config.json").exists():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
-def remove_layers(model, drop_layers: list[int] | str) -> None:
-    """Drop decoder layers in place and renumber the rest so caching and config stay consistent."""
+def remove_layers(model, drop_layers: list[int] | str) -> list[int]:
+    """Drop decoder layers in place and renumber the rest so caching and config stay consistent; returns the kept ones."""
     import torch
 
     layers = model.model.layers
@@ -162,3 +200,4 @@ def remove_layers(model, drop_layers: list[int] | str) -> None:
     model.config.num_hidden_layers = len(keep)
     if getattr(model.config, "layer_types", None):
         model.config.layer_types = [model.config.layer_types[i] for i in keep]
+    return keep

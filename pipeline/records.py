@@ -42,6 +42,12 @@ class Record(BaseModel):
     raw_reply: str = ""
     # per answer token: {"token", "logprob", "top": {token: logprob}}; for train.kd_source=logprobs and the browser
     teacher_logprobs: list[dict] | None = None
+    # model-based quality scores (curate.quality); None where a scorer did not run, so older files load unchanged
+    judge_score: float | None = None  # the judge's 1-5 rating
+    judge_reason: str | None = None  # the judge's short reason for it
+    ifd: float | None = None  # instruction-following difficulty: loss(answer | instruction) / loss(answer alone)
+    reward_score: float | None = None  # a local reward model's score
+    quality_score: float | None = None  # the scores combined (mean percentile rank), what curate.select ranks by
     created_at: str = Field(default_factory=now_iso)
 
     def model_post_init(self, __context) -> None:

@@ -1,8 +1,10 @@
 """The model registry: champion and challenger over the SQLite catalog.
 
 Every trained student is registered as a model with its evaluation numbers. A new model becomes the champion
-only if it beats the current one on the configured metric by more than the 95% confidence interval and no
-guard metric regresses beyond its tolerance; otherwise it stays a challenger, and the reason is recorded.
+only if a paired bootstrap of its per-item scores against the champion's, on the eval items both answered
+(matched by item id, instruction and input from each run's eval/outputs.jsonl), puts the 95% interval of the
+difference above 0, and no guard metric regresses beyond its tolerance; otherwise it stays a challenger, and the
+reason is recorded. Models that share no eval items are not compared on their unpaired means.
 The champion's adapter is copied to `<runs_dir>/champion/` with a `champion.json` pointer beside it, a stable
 place serving code can load from without knowing run ids.
 """
@@ -38,8 +40,9 @@ class Decision:
     reason: str
     metric: str
     delta: float | None = None
-    margin: float | None = None
+    margin: float | None = None  # half-width of the paired interval of the difference
     checks: list[dict[str, Any]] = field(default_factory=list)
+    paired: dict[str, Any] | None = None  # PairedDifference.as_dict() of challenger - champion
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,59 +59,78 @@ def model_metrics(evaluation: dict[str, Any], contender: str = "distilled_studen
     return metrics
 
 
-def _half_width(metrics: dict[str, Any], name: str) -> float:
-    ci = metrics.get(f"{name}_ci")
-    return (ci[1] - ci[0]) / 2 if ci and None not in ci else 0.0
+def item_scores(metrics: dict[str, Any], metric: str, contender: str = "distilled_student") -> dict[str, float] | None:
+    """Per-item scores of a registered model, keyed by (item id, instruction, input): from `per_item` in the metrics,
+    or read from the run's eval/outputs.jsonl (`eval_outputs`); None when neither is there."""
+    from pipeline.evaluate.verdict import PER_ITEM
+
+    if isinstance(metrics.get("per_item"), dict):
+        return metrics["per_item"]
+    path = Path(metrics.get("eval_outputs") or "")
+    if metric not in PER_ITEM or not metrics.get("eval_outputs") or not path.is_file():
+        return None
+    col = contender + PER_ITEM[metric][0]
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line) if line.strip() else {}
+        v = row.get(col)
+        if v is not None and v == v:
+            out[json.dumps([row.get("id"), row.get("instruction"), row.get("input", "")])] = float(v)
+    return out
 
 
 def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, rule: RetrainConfig,
-           model_id: str = "challenger", champion_id: str | None = None) -> Decision:
-    """Apply the promotion rule to two metric dicts (as `model_metrics` returns them)."""
+           model_id: str = "challenger", champion_id: str | None = None, samples: int = 1000) -> Decision:
+    """Apply the promotion rule to two metric dicts (as `register_model` stores them): a paired bootstrap of
+    challenger - champion on the eval items both answered, then the guard metrics."""
+    from pipeline.evaluate.metrics import paired_difference
+
     m = rule.metric
     if champion is None:
         return Decision(model_id, None, True, "no champion yet: the first model becomes the champion", m)
-    if challenger.get(m) is None:
-        return Decision(model_id, champion_id, False, f"the challenger has no {m!r} score", m)
-    if champion.get(m) is None:
-        return Decision(model_id, champion_id, True, f"the champion has no {m!r} score to defend", m)
-    same_set = (challenger.get("eval_set"), challenger.get("eval_items")) == (champion.get("eval_set"), champion.get("eval_items"))
-    if not same_set:
+    new, old = item_scores(challenger, m), item_scores(champion, m)
+    if not new:
+        return Decision(model_id, champion_id, False, f"the challenger has no per-item {m!r} scores to pair with the "
+                        f"champion's (eval/outputs.jsonl); not promoting on unpaired numbers", m)
+    if not old:
+        return Decision(model_id, champion_id, True, f"the champion has no per-item {m!r} scores to defend", m)
+    shared = sorted(set(new) & set(old))
+    if not shared:
         return Decision(model_id, champion_id, False,
-                        f"evaluated on a different eval set ({challenger.get('eval_set')}, {challenger.get('eval_items')} items) "
-                        f"than the champion ({champion.get('eval_set')}, {champion.get('eval_items')} items): not comparable", m)
-    delta = challenger[m] - champion[m]
-    # Both scores carry sampling noise; the larger of the two half-widths is the bar to clear.
-    margin = max(_half_width(challenger, m), _half_width(champion, m))
+                        f"the challenger ({len(new)} items) and the champion ({len(old)} items) share no eval items: "
+                        f"not comparable, and not promoting on unpaired numbers", m)
+    sign = -1.0 if m in LOWER_IS_BETTER else 1.0  # the difference is always 'how much better the challenger is'
+    d = paired_difference([sign * new[k] for k in shared], [sign * old[k] for k in shared],
+                          names=("challenger", "champion"), samples=samples, seed=0)
     checks = []
     for name, tolerance in rule.guards.items():
-        new, old = challenger.get(name), champion.get(name)
-        if new is None or old is None:
+        a, b = challenger.get(name), champion.get(name)
+        if a is None or b is None:
             checks.append({"metric": name, "ok": True, "note": "not measured for both models, skipped"})
             continue
-        worse = (new - old) if name in LOWER_IS_BETTER else (old - new)
-        allowed = tolerance * abs(old)
-        checks.append({"metric": name, "champion": old, "challenger": new, "allowed_regression": allowed,
+        worse = (a - b) if name in LOWER_IS_BETTER else (b - a)
+        allowed = tolerance * abs(b)
+        checks.append({"metric": name, "champion": b, "challenger": a, "allowed_regression": allowed,
                        "regression": max(worse, 0.0), "ok": worse <= allowed})
-    if delta <= margin:
-        reason = (f"{m} {challenger[m]:.4f} vs champion {champion[m]:.4f}: difference {delta:+.4f} is not more than "
-                  f"the 95% CI half-width {margin:.4f}")
-        return Decision(model_id, champion_id, False, reason, m, delta, margin, checks)
+    margin = (d.hi - d.lo) / 2
+    sentence = d.sentence(m)
+    if d.verdict != "better":
+        return Decision(model_id, champion_id, False, f"not promoted: {sentence}", m, d.mean, margin, checks, d.as_dict())
     failed = [c for c in checks if not c["ok"]]
     if failed:
         reason = "; ".join(f"{c['metric']} regressed from {c['champion']:.4g} to {c['challenger']:.4g} "
                            f"(tolerance {c['allowed_regression']:.4g})" for c in failed)
-        return Decision(model_id, champion_id, False, f"beats the champion on {m} by {delta:+.4f} but {reason}",
-                        m, delta, margin, checks)
-    return Decision(model_id, champion_id, True,
-                    f"{m} {challenger[m]:.4f} beats champion {champion[m]:.4f} by {delta:+.4f} > CI half-width {margin:.4f}",
-                    m, delta, margin, checks)
+        return Decision(model_id, champion_id, False, f"{sentence} But {reason}", m, d.mean, margin, checks, d.as_dict())
+    return Decision(model_id, champion_id, True, f"promoted: {sentence}", m, d.mean, margin, checks, d.as_dict())
 
 
 def register_model(run: Run, curation: dict[str, Any], evaluation: dict[str, Any], headline: dict[str, Any]) -> str:
     """Record the run's distilled student in the catalog as a candidate; returns the model id."""
     model_id = f"{run.id}/distilled"
     run.catalog.upsert("models", id=model_id, run_id=run.id, path=str(run.path("adapter").resolve()), role="candidate",
-                       dataset_id=curation.get("id"), metrics={**headline, **model_metrics(evaluation)},
+                       dataset_id=curation.get("id"), metrics={**headline, **model_metrics(evaluation),
+                                                               # per-item scores the promotion rule pairs on
+                                                               "eval_outputs": str(run.path("eval", "outputs.jsonl").resolve())},
                        created=run.status().get("updated") or now_iso())
     return model_id
 

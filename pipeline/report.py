@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline.evaluate.verdict import COMPARISONS, keeps_sentence
 from pipeline.store import atomic_write_json, atomic_write_text
 
 ROWS = [("teacher", "Teacher"), ("raw_student", "Raw student"), ("distilled_student", "Distilled student"),
@@ -76,7 +77,31 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
     for k, _ in ROWS:
         if isinstance(ev.get(k), dict) and ev[k].get("win_rate") is not None:
             out[f"{k}_win_rate"] = ev[k]["win_rate"]
+    sets = {name: set_headline(e) for name, e in eval_sets(ev).items()}
+    if any(s["paired"] for s in sets.values()):
+        out["sets"] = sets
     return out
+
+
+def eval_sets(ev: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{set name: that set's evaluation}; an evaluation from before eval_sets is its own single set."""
+    if isinstance(ev.get("sets"), dict) and ev["sets"]:
+        return ev["sets"]
+    return {_set_name(ev): ev} if contenders(ev) else {}
+
+
+def _set_name(ev: dict[str, Any]) -> str:
+    return Path(str(ev.get("eval_set") or "eval")).stem
+
+
+def set_headline(ev: dict[str, Any]) -> dict[str, Any]:
+    """One set's answer to the three questions: ROUGE-L per contender and the paired verdicts."""
+    paired = ev.get("paired") or {}
+    return {"items": ev.get("items"), "eval_set": ev.get("eval_set"),
+            "rouge_l": {k: ev[k].get("rouge_l") for k, _ in contenders(ev)},
+            "paired": {k: {f: v.get(f) for f in ("mean", "lo", "hi", "n", "verdict", "n_needed", "sentence")}
+                       for k, v in paired.items() if k != "keeps_of_teacher"},
+            "keeps_of_teacher": paired.get("keeps_of_teacher")}
 
 
 def contender_table(ev: dict[str, Any]) -> list[str]:
@@ -118,21 +143,66 @@ def category_table(ev: dict[str, Any]) -> list[str]:
 
 
 def _verdict(ev: dict[str, Any], h: dict[str, Any]) -> list[str]:
+    """The verdict sentences: paired bootstrap on the items both contenders answered; nothing is called better
+    unless its interval excludes 0."""
+    paired = ev.get("paired")
+    if paired:
+        lines = []
+        for _, _, key in COMPARISONS:
+            for k in (key, f"{key}_win_rate"):
+                if k in paired:
+                    lines.append(f"- {_bold_verdict(paired[k])}")
+        keeps = keeps_sentence(paired.get("keeps_of_teacher") or {})
+        if keeps:
+            lines.append(f"- The distilled student {keeps}.")
+        return lines
     if "distilled_minus_raw" not in h:
         return []
-    d, r = ev["distilled_student"], ev["raw_student"]
-    lo_d, hi_r = (d.get("rouge_l_ci") or [None])[0], (r.get("rouge_l_ci") or [None, None])[1]
-    sure = lo_d is not None and hi_r is not None and lo_d > hi_r
-    if h["distilled_minus_raw"] > 0:
-        line = (f"**The distilled student beats the raw student** by {h['distilled_minus_raw']:+.3f} ROUGE-L"
-                + (" (the intervals do not overlap)" if sure else " (the intervals overlap: not conclusive)"))
-    else:
-        line = f"**The distilled student does not beat the raw student** ({h['distilled_minus_raw']:+.3f} ROUGE-L)"
-    if h.get("distilled_keeps_of_teacher") is not None:
-        line += f" and keeps {h['distilled_keeps_of_teacher']:.0%} of the teacher's ROUGE-L"
+    # An evaluation without per-item scores (written before paired verdicts): differences, but no claim.
+    line = f"Distilled - raw: {h['distilled_minus_raw']:+.3f} ROUGE-L"
     if h.get("distilled_minus_gold") is not None:
-        line += f"; against the gold-trained student: {h['distilled_minus_gold']:+.3f}"
-    return [line + "."]
+        line += f"; distilled - gold: {h['distilled_minus_gold']:+.3f}"
+    if h.get("distilled_keeps_of_teacher") is not None:
+        line += f"; the distilled student keeps {h['distilled_keeps_of_teacher']:.0%} of the teacher's ROUGE-L"
+    return [line + " (no per-item scores in this evaluation, so no paired verdict)."]
+
+
+def _bold_verdict(p: dict[str, Any]) -> str:
+    sentence = p.get("sentence") or ""
+    head, sep, rest = sentence.partition(":")
+    return f"**{head}**{sep}{rest}" if sep else sentence
+
+
+def verdict_table(ev: dict[str, Any]) -> list[str]:
+    """The three questions per held-out set, side by side: paired difference [95% CI] and what it means."""
+    sets = {name: e for name, e in eval_sets(ev).items() if e.get("paired")}
+    if not sets:
+        return []
+    titles = {"distilled_vs_raw": "distilled - raw", "distilled_vs_gold": "distilled - gold-trained",
+              "distilled_vs_teacher": "distilled - teacher", "gold_vs_raw": "gold-trained - raw"}
+    lines = ["| ROUGE-L, paired | " + " | ".join(f"{n} ({e.get('items')} items)" for n, e in sets.items()) + " |",
+             "| --- |" + " --- |" * len(sets)]
+    for _, _, key in COMPARISONS:
+        if not any(key in e["paired"] for e in sets.values()):
+            continue
+        lines.append(f"| {titles[key]} | " + " | ".join(_cell(e["paired"].get(key)) for e in sets.values()) + " |")
+    if any(e["paired"].get("keeps_of_teacher") for e in sets.values()):
+        cells = []
+        for e in sets.values():
+            k = e["paired"].get("keeps_of_teacher") or {}
+            ok = k.get("ratio") is not None and k["ratio"] == k["ratio"]
+            cells.append(f"{k['ratio']:.0%} [{k['lo']:.0%}, {k['hi']:.0%}]" if ok else "–")
+        lines.append("| distilled / teacher | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _cell(p: dict[str, Any] | None) -> str:
+    if not p or p.get("n") in (None, 0):
+        return "–"
+    v = p["verdict"]
+    what = {"better": "**better**", "worse": "**worse**"}.get(v, f"not distinguishable (~{p['n_needed']} items needed)"
+                                                                 if p.get("n_needed") else "not distinguishable")
+    return f"{p['mean']:+.3f} [{p['lo']:+.3f}, {p['hi']:+.3f}] {what}"
 
 
 def evaluation_section(ev: dict[str, Any], plots: dict[str, str]) -> list[str]:
@@ -140,7 +210,8 @@ def evaluation_section(ev: dict[str, Any], plots: dict[str, str]) -> list[str]:
     judge = (f" Judge: `{ev['judge']}`, each contender against the {ev.get('judge_baseline')} answer, both orders "
              f"(win = 1, loss = 0, per item the mean of the two orders); LC = length-controlled.") if ev.get("judge") else ""
     lines = [f"Eval set: `{ev.get('eval_set', '?')}`, {ev.get('items', '?')} items, greedy, max {ev.get('max_new_tokens', '?')} "
-             f"new tokens. Intervals: 95% bootstrap over items.{judge}", ""]
+             f"new tokens. Intervals: 95% bootstrap over items; verdicts: paired 95% bootstrap of the per-item "
+             f"differences on the same items.{judge}", ""]
     lines += contender_table(ev) + [""]
     h = headline({"evaluation": ev})
     lines += _verdict(ev, h)
@@ -167,12 +238,33 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
     run_dir = Path(run_dir)
     ev = results.get("evaluation", {})
     gen, cur, train, ledger = (results.get(k, {}) for k in ("generation", "curation", "training", "ledger"))
-    plots = {}
-    if plot_scores(ev, run_dir / "scores.png"):
-        plots["scores.png"] = "scores with 95% intervals"
-    if plot_speed_quality(ev, run_dir / "speed_quality.png"):
-        plots["speed_quality.png"] = "speed vs quality"
-    lines = [f"# distill report: {results.get('run_id', run_dir.name)}", ""] + evaluation_section(ev, plots)
+    sets = eval_sets(ev)
+    lines = [f"# distill report: {results.get('run_id', run_dir.name)}", ""]
+    verdicts = verdict_table(ev)
+    if verdicts:
+        lines += ["## Verdict", "", "Does the distilled student beat the raw student and the student trained on the "
+                  "original data, and how much of the teacher does it keep? Per held-out set, the paired difference "
+                  "in ROUGE-L over the items both answered, with its 95% bootstrap interval: **better** or **worse** only "
+                  "when the interval excludes 0.", ""] + verdicts + [""]
+        if plot_paired(sets, run_dir / "paired.png"):
+            lines += ["![paired differences](paired.png)", ""]
+        gold = ev.get("gold_training") or {}
+        if gold:
+            lines += [f"Gold-trained student: {gold.get('examples')} records of `{gold.get('source')}` (the distilled "
+                      f"student trained on {gold.get('distilled_examples')}), decontaminated against every eval set like "
+                      f"curated data ({gold.get('contaminated_dropped')} skipped), {gold.get('steps')} steps of "
+                      f"{gold.get('method')}/{gold.get('finetune')}" + (f"; {gold['note']}" if gold.get("note") else "") + ".", ""]
+    for n, (name, e) in enumerate(sets.items()):
+        plots = {}
+        suffix = "" if n == 0 else f"-{name}"
+        if plot_scores(e, run_dir / f"scores{suffix}.png"):
+            plots[f"scores{suffix}.png"] = "scores with 95% intervals"
+        if n == 0 and plot_speed_quality(e, run_dir / "speed_quality.png"):
+            plots["speed_quality.png"] = "speed vs quality"
+        if len(sets) > 1:
+            lines += [f"## Held-out set: {name}", ""]
+        lines += evaluation_section({**e, "max_new_tokens": ev.get("max_new_tokens"), "judge": ev.get("judge"),
+                                     "judge_baseline": ev.get("judge_baseline")}, plots)
     lines += ["## Data", "",
               f"- Instruction prompts sent: {gen.get('prompts', '–')}; candidate instructions parsed: "
               f"{gen.get('candidates', '–')}; kept by the bootstrap loop: {gen.get('kept_instructions', '–')}",
@@ -197,7 +289,7 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
     lines += ["## Files", "", "- `config.yaml`: the resolved config", "- `datasets/curated/`: accepted and rejected "
               "records (Parquet) with `manifest.json`", "- `adapter/`: the LoRA adapter", "- `eval/outputs.jsonl`: every "
               "contender's answer per item, with its scores", "- `report.json`: all numbers",
-              "- `scores.png`, `speed_quality.png`: the plots", ""]
+              "- `scores.png`, `speed_quality.png`, `paired.png`: the plots", ""]
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines))
     atomic_write_json(run_dir / "report.json", {**results, "headline": h_all(results)})
@@ -231,6 +323,11 @@ def artifact_tables(results: dict[str, Any]) -> list[dict[str, Any]]:
             for k, label in contenders(ev) for c in (ev[k].get("by_category") or {})]
     if cats:
         out.append({"key": "distill-categories", "table": cats, "description": "Per-category scores"})
+    verdicts = [{"eval_set": name, "comparison": key, **{f: p.get(f) for f in ("mean", "lo", "hi", "n", "verdict", "n_needed")}}
+                for name, e in eval_sets(ev).items() for key, p in (e.get("paired") or {}).items() if key != "keeps_of_teacher"]
+    if verdicts:
+        out.append({"key": "distill-verdicts", "table": verdicts,
+                    "description": "Paired differences (ROUGE-L) per held-out set, 95% bootstrap over shared items"})
     return out
 
 
@@ -259,6 +356,38 @@ def plot_scores(ev: dict[str, Any], path: Path) -> bool:
         if m in ("win_rate", "lc_win_rate"):
             ax.axhline(0.5, color="#999", lw=0.8, ls="--")
     fig.suptitle("Does distillation work? (95% CI)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_paired(sets: dict[str, dict[str, Any]], path: Path) -> bool:
+    """Paired differences with their 95% intervals, one row per comparison and one colour per held-out set: a bar
+    that crosses 0 is 'not distinguishable'."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [key for _, _, key in COMPARISONS if any(key in (e.get("paired") or {}) for e in sets.values())]
+    if not keys:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 0.7 * len(keys) * max(1, len(sets)) + 1.2))
+    height = 0.8 / max(1, len(sets))
+    for j, (name, e) in enumerate(sets.items()):
+        for i, key in enumerate(keys):
+            p = (e.get("paired") or {}).get(key)
+            if not p or not _ok(p.get("mean")):
+                continue
+            y = i + (j - (len(sets) - 1) / 2) * height
+            ax.errorbar(p["mean"], y, xerr=[[p["mean"] - p["lo"]], [p["hi"] - p["mean"]]], fmt="o", capsize=4,
+                        color=f"C{j}", label=name if i == 0 else None)
+    ax.axvline(0, color="#999", lw=0.8, ls="--")
+    ax.set_yticks(range(len(keys)), [k.replace("_vs_", " - ").replace("_", " ") for k in keys])
+    ax.invert_yaxis()
+    ax.set(xlabel="ROUGE-L difference (paired, 95% CI)", title="Paired differences per held-out set")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -12,7 +12,7 @@ import tempfile
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from pipeline import PROJECT_ROOT, __version__
 from pipeline.config import RunConfig, dump_config
@@ -195,8 +195,12 @@ class Run:
     def path(self, *parts: str) -> Path:
         return self.dir.joinpath(*parts)
 
-    def save_dataset(self, name: str, accepted: list[Record], rejected: list[Record], manifest: dict[str, Any]) -> Path:
-        """Write a dataset version (accepted + rejects + manifest) as one directory, atomically."""
+    def save_dataset(self, name: str, accepted: list[Record], rejected: list[Record], manifest: dict[str, Any],
+                     extras: Callable[[Path], None] | None = None) -> Path:
+        """Write a dataset version (accepted + rejects + `extras(folder)` + manifest) as one directory, atomically.
+
+        Everything is built in a temp folder and the manifest is its last file, so a version either appears whole
+        or not at all: a kill at any point never leaves a manifest beside missing files."""
         final = self.path("datasets", name)
         manifest = {"id": f"{self.id}/{name}", "run_id": self.id, "accepted": len(accepted), "rejected": len(rejected),
                     "config_hash": self.cfg.fingerprint(), "code_version": code_version(), "created": now_iso(),
@@ -204,7 +208,9 @@ class Run:
         with atomic_dir(final) as tmp:
             save_records(tmp / "accepted.parquet", accepted)
             save_records(tmp / "rejected.parquet", rejected)
-            atomic_write_json(tmp / "manifest.json", manifest)
+            if extras is not None:
+                extras(tmp)
+            atomic_write_json(tmp / "manifest.json", manifest)  # last: its presence means the version is whole
         self.catalog.upsert("datasets", id=manifest["id"], run_id=self.id, path=str(final.resolve()),
                             accepted=len(accepted), rejected=len(rejected), manifest=manifest, created=manifest["created"])
         return final

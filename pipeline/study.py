@@ -355,7 +355,10 @@ def _cut_row(cfg: RunConfig, distilled: list[Record], out_dir: Path, cut: str, d
                           cfg.evaluate.model_dump(mode="json", include={"eval_set", "limit", "max_new_tokens"}),
                           cfg.student.cut_from], sort_keys=True, default=str)
     folder = out_dir / "cuts" / hashlib.sha256(setting.encode()).hexdigest()[:12]
-    row = cut_depth(cfg, distilled, folder, [cut], alpha=cfg.train.kd_alpha, temperature=cfg.train.kd_temperature)[0]
+    rows = cut_depth(cfg, distilled, folder, [cut], alpha=cfg.train.kd_alpha, temperature=cfg.train.kd_temperature)
+    by = {r["contender"]: r for r in rows}  # one row per contender: raw, sft, kd
+    row = {k: v for m in ("raw", "sft", "kd") for k, v in ((m, by[m]["rouge_l"]), (f"{m}_ci", by[m].get("rouge_l_ci")),
+                                                          (f"{m}_per_item", by[m].get("per_item")))}
     return {**row, "cut": cut, "layers_left": _layers_left(cut, cfg)}
 
 

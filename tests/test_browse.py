@@ -217,3 +217,40 @@ def test_serve_binds_loopback_by_default(runs, tmp_path):
         listening = [c.laddr for c in psutil.Process(srv.proc.pid).net_connections(kind="inet") if c.status == "LISTEN"]
         assert [a.ip for a in listening] == ["127.0.0.1"] and listening[0].port == srv.port
         assert "r1" in __import__("httpx").get(srv.url + "/").text
+
+
+def test_records_sort_and_filter_by_quality_scores(tmp_path):
+    """A version with model-based scores (curate.quality): sortable both ways across pages, filterable by range;
+    records without the score drop out of a score ordering."""
+    from pipeline.config import load_config
+    from pipeline.store import Run
+
+    run = Run.create(load_config(profile="cpu-demo", overrides=[f"runs_dir={tmp_path / 'runs'}"]), run_id="q")
+    ifds = [((i * 37) % 101) / 100 for i in range(70)]  # distinct, in no particular order
+    accepted = [Record(instruction=f"Explain idea number {i} clearly.", output="ok", ifd=v, quality_score=v / 2,
+                       status="accepted") for i, v in enumerate(ifds)]
+    rejected = [Record(instruction="Say hi to me.", output="hi").reject("too_short")]  # no scores
+    run.save_dataset("curated", accepted, rejected, {"parents": []})
+    client = TestClient(create_app(tmp_path / "runs", index_dir=tmp_path / "idx"), base_url="http://127.0.0.1")
+    url = "/runs/q/datasets/curated"
+
+    def rows(page: str) -> list[int]:
+        return [int(x) for x in re.findall(r'<td class="num"><a href="/runs/q/datasets/curated/records/(\d+)">', page)]
+
+    seen, link = [], url + "?sort=-ifd"
+    while link:
+        page = client.get(link).text
+        seen += rows(page)
+        m = re.search(r'id="next" href="([^"]+)"', page)
+        link = url + html.unescape(m.group(1)) if m else None
+    assert seen == sorted(range(70), key=lambda i: -ifds[i])  # highest first, every scored row once, unscored out
+    first = client.get(url, params={"sort": "-ifd"}).text
+    assert 'class="num score-ifd">' in first and f"{max(ifds):.3f}" in first
+    # "previous" from the second page returns the first page in the same order
+    second = client.get(url + html.unescape(re.search(r'id="next" href="([^"]+)"', first).group(1))).text
+    back = client.get(url + html.unescape(re.search(r'id="prev" href="([^"]+)"', second).group(1))).text
+    assert rows(back) == seen[:50]
+    low = rows(client.get(url, params={"sort": "quality_score", "max_ifd": "0.2"}).text)
+    assert low == sorted([i for i in range(70) if ifds[i] <= 0.2], key=lambda i: ifds[i])
+    assert client.get(url, params={"sort": "rouge"}).status_code == 400
+    assert client.get(url, params={"min_ifd": "high"}).status_code == 400

@@ -50,6 +50,21 @@ def test_output_filters(kw, reason):
     assert F.first_failure(rec("Name the capital of France.", **kw), CFG, F.OUTPUT_FILTERS) == reason
 
 
+def alpaca_drops_for_length(inst: str) -> bool:
+    """The rule as Alpaca wrote it (generate_instruction.py, post_process_gpt3_response)."""
+    return len(inst.split()) <= 3 or len(inst.split()) > 150
+
+
+@pytest.mark.parametrize("inst", [
+    "Summarise", "Name two rivers", "Name three rivers.", "Name three big rivers.", "  Define\tentropy \n now ",
+    "List  four\u00a0prime numbers", "Translate 'chat' into English, please.", "word " * 150, "word " * 151,
+    "Rate this:\n\nGood", "Explain why, briefly and clearly.",
+])
+def test_length_filters_match_alpacas_rule_exactly(inst):
+    ours = F.first_failure(rec(inst), CFG, [F.too_short, F.too_long]) is not None
+    assert ours == alpaca_drops_for_length(inst)
+
+
 def test_blacklist_and_word_bounds_come_from_config():
     cfg = CurateConfig(blacklist=["chess"], min_words=1, max_words=4)
     assert F.first_failure(rec("Play chess"), cfg, F.INSTRUCTION_FILTERS) == "blacklisted_word"
@@ -82,7 +97,7 @@ def test_curate_reasons_order_and_near_duplicates():
     assert [r.instruction for r in rejected] == [records[i].instruction for i in (1, 2, 3, 6, 7)]
     counts = stage_counts(len(records), accepted, rejected)
     assert counts == {"input": 8, "filters_or_upstream": 3, "exact_duplicates": 1, "decontamination": 0,
-                      "near_duplicates": 1, "accepted": 3}
+                      "near_duplicates": 1, "quality": 0, "selection": 0, "accepted": 3}
 
 
 def test_seeds_count_as_kept_unless_disabled():

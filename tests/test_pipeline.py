@@ -24,7 +24,18 @@ def test_full_flow_writes_a_complete_run_folder(fast_config, fake_server):
     for row in ("| Teacher |", "| Raw student |", "| Distilled student |"):
         assert row in report
     outputs = [json.loads(line) for line in (run / "eval/outputs.jsonl").read_text().splitlines()]
-    assert len(outputs) == 3 and all("distilled_student" in o and "raw_student" in o for o in outputs)
+    # both default held-out sets, 3 items each, answered by all four contenders
+    assert [o["eval_set"] for o in outputs] == ["alpaca-dev"] * 3 + ["self-instruct-heldout"] * 3
+    assert all(o[c] is not None for o in outputs for c in ("teacher", "raw_student", "distilled_student", "gold_student"))
+    # the gold-trained student: same number of examples and steps as the distilled one, decontaminated data
+    gold, distilled = (json.loads((run / f).read_text()) for f in ("gold/train.json", "train.json"))
+    assert gold["examples"] == distilled["examples"] == len(pq.read_table(run / "gold/dataset.parquet"))
+    assert gold["steps"] == distilled["steps"] and gold["method"] == distilled["method"]
+    assert "| Gold-trained student |" in report and "## Verdict" in report
+    summary = json.loads((run / "eval/summary.json").read_text())
+    assert set(summary["sets"]) == {"alpaca-dev", "self-instruct-heldout"}
+    assert {"distilled_vs_raw", "distilled_vs_gold", "distilled_vs_teacher"} <= set(summary["sets"]["self-instruct-heldout"]["paired"])
+    assert result["sets"]["alpaca-dev"]["paired"]["distilled_vs_raw"]["n"] == 3
     assert json.loads((run / "status.json").read_text())["state"] == "completed"
     assert Catalog(fast_config.runs_dir).rows("runs", "WHERE id='e2e'")[0]["state"] == "completed"
     assert result["run_dir"] == str(run.resolve())

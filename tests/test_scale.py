@@ -111,15 +111,23 @@ def test_many_writers_keep_cache_ledger_and_order_exact(tmp_path, server):
     assert ledger.as_dict()["generate"]["cached"] == 40 and len(ResponseCache(tmp_path / "c.sqlite")) == 40
 
 
-def test_budget_stops_between_waves(tmp_path, server):
+def test_budget_holds_the_worst_case_of_every_wave(tmp_path, server):
+    from pipeline.teachers.base import worst_case_tokens
+
+    reqs = _chats(20, "budget")
+    w_in, w_out = worst_case_tokens(reqs[0])
+    cap = 4 * (w_in + w_out)  # the first wave (2 shards x 2 requests) fits at its worst case, not much more
     cfg = TeacherConfig(backend="openai", base_url=server.base_url, model="fake", max_retries=1, timeout_s=10,
-                        budget_tokens=50)
+                        budget_tokens=cap)
     teacher = FanOutTeacher(cfg, tmp_path / "c.sqlite", None, ScaleConfig(task_runner="default", workers=2, shard_size=2))
-    out = teacher.generate(_chats(20, "budget"))
+    before = sum(server.requests.values())
+    out = teacher.generate(reqs)
     teacher.close()
     answered = [c for c in out if c.ok]
-    # one wave is 2 shards x 2 requests; a reply costs ~22 tokens, so the first wave crosses 50 tokens
-    assert len(answered) == 4
+    spent = teacher.ledger.totals()
+    assert len(answered) >= 4 and len(answered) < 20
+    assert sum(server.requests.values()) - before == len(answered)  # nothing refused was sent
+    assert spent.tokens_in + spent.tokens_out <= cap
     assert all(c.error == "not attempted: budget reached" for c in out if not c.ok)
 
 
@@ -150,3 +158,53 @@ def test_train_launcher_refuses_a_run_without_data(tmp_path, capsys):
 
     assert main([str(tmp_path)]) == 2
     assert "distill run --data-only" in capsys.readouterr().err
+
+
+# --- The student is cut once when several processes ask at once (the ranks of a multi-process launch) ---
+
+_CUT_CHILD = """
+import json, logging, os, sys, time
+from pathlib import Path
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+from pipeline.models import resolve_gguf, cut_student_from_gguf
+gguf = resolve_gguf("smollm2-135m-instruct")
+go = Path(sys.argv[1])
+(go.parent / f"ready-{os.getpid()}").touch()
+while not go.exists():  # every child starts its cut at the same moment
+    time.sleep(0.05)
+print(json.dumps({"pid": os.getpid(), "path": str(cut_student_from_gguf(gguf, sys.argv[2]))}))
+"""
+
+
+@pytest.mark.slow  # one real cut (~15 s) and three Python processes importing transformers
+def test_concurrent_processes_cut_the_student_once(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    cache, sync = tmp_path / "cache", tmp_path / "sync"
+    sync.mkdir()
+    env = {**os.environ, "DISTILL_CACHE": str(cache), "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _CUT_CHILD, str(sync / "go"), "2-27"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    deadline = time.monotonic() + 240
+    while len(list(sync.glob("ready-*"))) < 3 and time.monotonic() < deadline and all(p.poll() is None for p in procs):
+        time.sleep(0.1)
+    (sync / "go").touch()
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert len({r["path"] for r in results}) == 1
+    cutters = [err for _, err in outs if "Cutting the student" in err]
+    waiters = [err for _, err in outs if "waiting for it" in err]
+    assert len(cutters) == 1 and len(waiters) == 2  # one process cut, the other two waited for it
+    students = cache / "students"
+    assert [p.name for p in students.iterdir() if not p.name.endswith(".lock")] == [Path(results[0]["path"]).name]
+    made = json.loads((Path(results[0]["path"]) / "cut.json").read_text())
+    assert made["pid"] in {r["pid"] for r in results} and made["kept_layers"] == [0, 1, 28, 29]
+    # A later caller finds it finished and does not take the lock.
+    again = subprocess.run([sys.executable, "-c", _CUT_CHILD, str(sync / "go"), "2-27"], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "Cutting" not in again.stderr and "waiting" not in again.stderr

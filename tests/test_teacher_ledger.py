@@ -1,4 +1,5 @@
-"""The ledger per stage, and the budget cap: it stops the run cleanly and keeps every reply already paid for."""
+"""The ledger per stage, and the budget cap: a request goes out only when its worst case fits what is left, so the
+cap is never crossed; it stops the run cleanly and keeps every reply already paid for."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 from pipeline.config import TeacherConfig
 from pipeline.errors import BudgetExceeded
 from pipeline.teachers import Request, make_teacher
+from pipeline.teachers.base import worst_case_tokens
 from tests.fakes.openai_server import FakeOpenAIServer, default_responder
 
 
@@ -30,17 +32,25 @@ def config(server: FakeOpenAIServer, **kw) -> TeacherConfig:
 def test_budget_cap_stops_cleanly_and_keeps_finished_replies(tmp_path, cap):
     reqs = [chat(i) for i in range(10)]
     t_in, t_out = tokens_of(reqs[0])
-    per_request = t_in + t_out
+    w_in, w_out = worst_case_tokens(reqs[0])
+    assert w_in >= t_in and w_out >= t_out
+    # Room for 3 real replies plus one more at its worst case: the 4th is sent, the 5th could cross the cap.
     if cap == "tokens":
-        limits = dict(budget_tokens=int(3.5 * per_request))
+        limits = dict(budget_tokens=3 * (t_in + t_out) + w_in + w_out)
     else:  # $1 per 1M input tokens, $2 per 1M output tokens
-        limits = dict(price_per_1m_input=1.0, price_per_1m_output=2.0, budget_usd=3.5 * (t_in + 2 * t_out) / 1e6)
+        limits = dict(price_per_1m_input=1.0, price_per_1m_output=2.0,
+                      budget_usd=(3 * (t_in + 2 * t_out) + w_in + 2 * w_out) / 1e6)
     cache = tmp_path / "c.sqlite"
     with FakeOpenAIServer() as server:
         teacher = make_teacher(config(server, **limits), cache)
         out = teacher.generate(reqs)
-        # Requests 0-3 were paid for (the 4th crossed the cap); the rest were not sent and say so.
+        # Requests 0-3 were paid for; the 5th could have crossed the cap, so it and the rest were not sent.
         assert [c.ok for c in out] == [True] * 4 + [False] * 6
+        spent = teacher.ledger.totals()
+        if cap == "tokens":
+            assert spent.tokens_in + spent.tokens_out <= limits["budget_tokens"]
+        else:
+            assert server.billed_usd(1.0, 2.0) == pytest.approx(spent.cost_usd) and spent.cost_usd <= limits["budget_usd"]
         assert all(c.error.startswith("not attempted") for c in out[4:])
         assert server.total_requests == 4 and len(teacher.cache) == 4
         with pytest.raises(BudgetExceeded, match="budget"):

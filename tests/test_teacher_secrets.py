@@ -62,3 +62,26 @@ def test_key_from_a_prefect_secret_block(tmp_path, monkeypatch):
         with pytest.raises(ConfigError, match="no-such-block") as err:
             resolve_api_key(cfg.model_copy(update={"api_key_secret_block": "no-such-block"}))
         assert SENTINEL not in str(err.value)
+
+
+@pytest.mark.slow  # starts a temporary Prefect API (~10 s)
+def test_endpoint_preflight_uses_the_clients_key_resolution(tmp_path, monkeypatch):
+    """A key held only in a Prefect Secret block passes the pre-flight, as it passes the client."""
+    from prefect.blocks.system import Secret
+    from prefect.testing.utilities import prefect_test_harness
+
+    from pipeline.config import load_config
+    from pipeline.stages import check_teacher_endpoint
+
+    monkeypatch.delenv("DISTILL_TEST_KEY", raising=False)
+    with prefect_test_harness(server_startup_timeout=120), FakeOpenAIServer(required_api_key=SENTINEL) as server:
+        Secret(value=SENTINEL).save("distill-preflight-key")
+        cfg = load_config(overrides=[f"runs_dir={tmp_path}", "teacher.backend=openai", f"teacher.base_url={server.base_url}",
+                                     "teacher.api_key_env=DISTILL_TEST_KEY",
+                                     "teacher.api_key_secret_block=distill-preflight-key"])
+        # The server refuses every other key. Before the fix only $DISTILL_TEST_KEY was read: a 401 here.
+        check_teacher_endpoint(cfg)
+        Secret(value="sk-wrong-key-000").save("distill-preflight-key", overwrite=True)
+        with pytest.raises(ConfigError, match="Prefect Secret block 'distill-preflight-key'") as err:
+            check_teacher_endpoint(cfg)
+        assert "sk-wrong-key-000" not in str(err.value)

@@ -141,20 +141,25 @@ def test_ablation_grid_writes_table_and_plot(student, tmp_path):
 
 
 @pytest.mark.slow
-def test_cut_depth_table_compares_raw_sft_and_kd_per_cut(student, tmp_path):
+def test_cut_depth_table_compares_methods_per_cut_against_sft(student, tmp_path):
     from pipeline.config import load_config
     from pipeline.train.ablation import cut_depth
 
-    cfg = load_config(overrides=["train.max_steps=1", "train.batch_size=2", "train.max_length=64", "evaluate.limit=2",
+    cfg = load_config(overrides=["train.max_steps=1", "train.batch_size=2", "train.max_length=64", "evaluate.limit=3",
                                  "evaluate.max_new_tokens=8", "evaluate.bootstrap_samples=100",
                                  f"train.kd_teacher={student}"])
     cuts = ["2-29", "every:10"]  # 2 and 3 layers left: small enough to train on a CPU in seconds
-    rows = cut_depth(cfg, kd_records(), tmp_path, cuts, alpha=0.5, temperature=2.0)
-    assert [r["cut"] for r in rows] == cuts
+    rows = cut_depth(cfg, kd_records(), tmp_path, cuts, alpha=0.5, temperature=2.0, methods=("sft", "kd"))
+    assert [(r["cut"], r["contender"]) for r in rows] == [(c, m) for c in cuts for m in ("raw", "sft", "kd")]
     for r in rows:
-        assert all(0 <= r[k] <= 1 and r[f"{k}_ci"][0] <= r[k] <= r[f"{k}_ci"][1] for k in ("raw", "sft", "kd"))
+        assert 0 <= r["rouge_l"] <= 1 and r["rouge_l_ci"][0] <= r["rouge_l"] <= r["rouge_l_ci"][1]
+        assert 0 <= r["hit_limit"] <= 1 and r["perplexity"] > 1 and r["params"] > 0
+        # Every contender but SFT itself carries its paired difference to SFT on the same items.
+        assert (r["vs_sft"] is None) == (r["contender"] == "sft")
+        if r["vs_sft"]:
+            assert r["vs_sft"]["n"] == 3 and r["vs_sft"]["lo"] <= r["vs_sft"]["mean"] <= r["vs_sft"]["hi"]
     table = (tmp_path / "cut_depth.md").read_text()
-    assert "| every:10 |" in table and "KD (alpha 0.5, T 2)" in table
+    assert "| every:10 | kd |" in table and "KD: alpha 0.5, T 2" in table and (tmp_path / "cut_depth.png").exists()
     assert json.loads((tmp_path / "cut_depth.json").read_text())[0]["cut"] == "2-29"
     # A rerun reuses the saved cells (a killed ablation resumes) and gives the same table.
-    assert cut_depth(cfg, kd_records(), tmp_path, cuts, alpha=0.5, temperature=2.0) == rows
+    assert cut_depth(cfg, kd_records(), tmp_path, cuts, alpha=0.5, temperature=2.0, methods=("sft", "kd")) == rows

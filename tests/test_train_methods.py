@@ -34,6 +34,8 @@ def test_unknown_method_lists_the_known_ones():
 
 
 def test_lora_placement_keys():
+    # A run saved before train.lora_target existed (its config.yaml says target_modules) still loads.
+    assert TrainConfig.model_validate({"target_modules": ["q_proj"]}).lora_target == ["q_proj"]
     assert lora_target_modules("attention") == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert lora_target_modules("mlp") == ["gate_proj", "up_proj", "down_proj"]
     assert lora_target_modules(["q_proj"]) == ["q_proj"] and lora_target_modules("all-linear") == "all-linear"
@@ -78,10 +80,11 @@ def test_hidden_state_term_is_zero_for_a_student_identical_to_its_teacher(studen
     # The untrained adapter adds nothing (LoRA B starts at 0), so student and teacher layers give the same outputs.
     cfg = TrainConfig(max_steps=1, batch_size=2, max_length=64, hidden_loss_weight=1.0, hidden_loss="mse")
     trainer, _ = build_trainer(student, records(), cfg, tmp_path, teacher_dir=student)
-    batch = trainer.data_collator([{k: ex[k] for k in ("input_ids", "completion_mask")}
+    batch = trainer.data_collator([{k: ex[k] for k in ex if k in ("input_ids", "completion_mask", "labels")}
                                    for ex in trainer.train_dataset])
+    batch = {k: v for k, v in batch.items() if torch.is_tensor(v) and k != "completion_mask"}
     trainer.model.train()
-    plain = trainer.model(**{k: v for k, v in batch.items() if k != "completion_mask"}).loss
+    plain = trainer.model(**batch).loss
     loss = trainer.compute_loss(trainer.model, dict(batch))
     assert trainer.hidden_map == [0, 1, 2, 3] and trainer.last_hidden_loss == pytest.approx(0.0, abs=1e-6)
     assert loss.item() == pytest.approx(plain.item(), rel=1e-4)

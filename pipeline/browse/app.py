@@ -22,7 +22,7 @@ from starlette.templating import Jinja2Templates
 from pipeline.browse import story
 from pipeline.browse.diff import KINDS, diff_counts, diff_page
 from pipeline.browse.cache import IndexStore
-from pipeline.browse.index import FACETS, Query, QueryTooSlow
+from pipeline.browse.index import FACETS, SCORES, Query, QueryTooSlow
 from pipeline.browse.runs import NotFound, RunsFolder, read_json
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -66,6 +66,15 @@ def _int(value: str | None, name: str) -> int | None:
         return int(value)
     except ValueError:
         raise HTTPException(400, f"{name} must be a whole number, got {value!r}") from None
+
+
+def _float(value: str | None, name: str) -> float | None:
+    if value in (None, ""):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise HTTPException(400, f"{name} must be a number, got {value!r}") from None
 
 
 def create_app(runs_dir: str | Path, index_dir: str | Path | None = None, allowed_hosts: list[str] | None = None,
@@ -130,8 +139,13 @@ def create_app(runs_dir: str | Path, index_dir: str | Path | None = None, allowe
         if wait:
             return wait
         qp = request.query_params
+        sort = qp.get("sort", "")
+        if sort and sort.lstrip("-") not in SCORES:
+            raise HTTPException(400, f"sort must be one of {', '.join(SCORES)}, '-' in front for highest first")
+        ranges = {c: (_float(qp.get(f"min_{c}"), f"min_{c}"), _float(qp.get(f"max_{c}"), f"max_{c}")) for c in SCORES}
         query = Query(q=qp.get("q", "")[:500], filters={c: qp.get(c, "") for c in FACETS},
                       min_len=_int(qp.get("min_len"), "min_len"), max_len=_int(qp.get("max_len"), "max_len"),
+                      score_range={c: r for c, r in ranges.items() if r != (None, None)}, sort=sort,
                       after=_int(qp.get("after"), "after"), before=_int(qp.get("before"), "before"), limit=PAGE_SIZE)
         error, result = None, None
         try:
@@ -139,9 +153,11 @@ def create_app(runs_dir: str | Path, index_dir: str | Path | None = None, allowe
         except QueryTooSlow as e:
             error = str(e)
         state = {"q": query.q, **{c: v for c, v in query.filters.items() if v}, "min_len": qp.get("min_len", ""),
-                 "max_len": qp.get("max_len", "")}
+                 "max_len": qp.get("max_len", ""), "sort": sort,
+                 **{f"{b}_{c}": qp.get(f"{b}_{c}", "") for c in SCORES for b in ("min", "max")}}
         return page(request, "dataset.html", status_code=400 if error else 200, run_id=run_id, name=name,
                     manifest=manifest, info=idx.info, result=result, error=error, state=state, facets=idx.info["facets"],
+                    scores=idx.info.get("scores") or [],
                     others=[d for d in folder.all_datasets() if d != f"{run_id}/{name}"],
                     plots=[p for p in folder.plots(run_id) if p.startswith(f"datasets/{name}/")])
 

@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 # Columns users filter on; ones a dataset lacks are simply NULL (e.g. task_type before generation adds it).
 FACETS = ("status", "reject_reason", "source", "task_type", "template")
 TEXT = ("instruction", "input", "output")
+# Model-based quality scores (curate.quality) users sort and filter on; NULL where no scorer ran.
+SCORES = ("quality_score", "ifd", "judge_score", "reward_score")
 MAX_FACET_VALUES = 200
 COUNT_STEPS = (1_000, 10_000, 100_000)  # a count stops at the first step it stays under, or shows "step+"
 COUNT_BUDGET_S = 0.05  # a count that takes longer than this is reported as "many", never blocks the page
@@ -71,7 +73,7 @@ def _row_batches(files: list[Path], batch_rows: int) -> Iterator[tuple[list, lis
             rows = range(row, row + n)
             docs = list(zip(rows, inst, inp, out, extras))
             frows = list(zip(rows, cols.get("id", empty), [path.name] * n, *(cols.get(c, empty) for c in FACETS),
-                             [len(o) for o in out], [text_hash(i) for i in inst]))
+                             [len(o) for o in out], [text_hash(i) for i in inst], *(cols.get(c, empty) for c in SCORES)))
             yield docs, frows, list(zip(rows, inst, inp, out))
             row += n
 
@@ -130,7 +132,8 @@ def build_index(dataset_dir: Path, out: Path, progress: Callable[[int], None] | 
             CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
             CREATE TABLE docs (row INTEGER PRIMARY KEY, instruction TEXT, input TEXT, output TEXT, extra TEXT);
             CREATE TABLE f (row INTEGER PRIMARY KEY, id TEXT, file TEXT, status TEXT, reject_reason TEXT, source TEXT,
-                            task_type TEXT, template TEXT, out_len INTEGER, ihash INTEGER);
+                            task_type TEXT, template TEXT, out_len INTEGER, ihash INTEGER, quality_score REAL,
+                            ifd REAL, judge_score REAL, reward_score REAL);
             CREATE VIRTUAL TABLE fts USING fts5(instruction, input, output, content='docs', content_rowid='row',
                                                 tokenize='unicode61 remove_diacritics 2');
         """)
@@ -139,7 +142,7 @@ def build_index(dataset_dir: Path, out: Path, progress: Callable[[int], None] | 
         row = 0
         for docs, frows, fts_rows in _prefetch(_row_batches(files, batch_rows)):
             conn.executemany("INSERT INTO docs VALUES (?,?,?,?,?)", docs)
-            conn.executemany("INSERT INTO f VALUES (?,?,?,?,?,?,?,?,?,?)", frows)
+            conn.executemany("INSERT INTO f VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", frows)
             conn.executemany("INSERT INTO fts(rowid, instruction, input, output) VALUES (?,?,?,?)", fts_rows)
             row += len(docs)
             if progress:
@@ -149,7 +152,7 @@ def build_index(dataset_dir: Path, out: Path, progress: Callable[[int], None] | 
         conn.execute("INSERT OR IGNORE INTO ids SELECT id, row, status, reject_reason FROM f WHERE id IS NOT NULL "
                      "ORDER BY (status IS NOT 'accepted'), row")
         # Single-column indexes end in the rowid, so an equality filter already yields rows in page order.
-        for col in ("id", "ihash", *FACETS):
+        for col in ("id", "ihash", *FACETS, *SCORES):  # a score index ends in the rowid: (score, row) keysets
             conn.execute(f"CREATE INDEX ix_{col} ON f({col})")
         facet_counts = {}
         for col in FACETS:
@@ -157,7 +160,8 @@ def build_index(dataset_dir: Path, out: Path, progress: Callable[[int], None] | 
                                 f"LIMIT {MAX_FACET_VALUES + 1}").fetchall()
             if any(v is not None for v, _ in vals):
                 facet_counts[col] = [[v, c] for v, c in vals[:MAX_FACET_VALUES]]
-        info = {"rows": row, "ids": conn.execute("SELECT count(*) FROM ids").fetchone()[0],
+        scored = [c for c in SCORES if conn.execute(f"SELECT 1 FROM f WHERE {c} IS NOT NULL LIMIT 1").fetchone()]
+        info = {"rows": row, "scores": scored, "ids": conn.execute("SELECT count(*) FROM ids").fetchone()[0],
                 "files": [p.name for p in files], "facets": facet_counts,
                 "build_s": round(time.perf_counter() - start, 3), "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         conn.executemany("INSERT INTO meta VALUES (?, ?)",
@@ -194,6 +198,8 @@ class Query:
     filters: dict[str, str] = field(default_factory=dict)  # facet column -> value ("" or absent: any)
     min_len: int | None = None
     max_len: int | None = None
+    score_range: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)  # score -> (min, max)
+    sort: str = ""  # "" (file order), or a score column, "-" in front for highest first; unscored rows drop out
     after: int | None = None
     before: int | None = None
     limit: int = 50
@@ -263,6 +269,15 @@ class DatasetIndex:
         if query.max_len is not None:
             where.append("f.out_len <= ?")
             params.append(query.max_len)
+        for col, (lo, hi) in query.score_range.items():
+            if col not in SCORES:
+                continue
+            if lo is not None:
+                where.append(f"f.{col} >= ?")
+                params.append(lo)
+            if hi is not None:
+                where.append(f"f.{col} <= ?")
+                params.append(hi)
         return where, params
 
     def _source(self, query: Query) -> tuple[str, str, list[Any]]:
@@ -274,28 +289,37 @@ class DatasetIndex:
         return "f", "f.row", []
 
     def page(self, query: Query) -> Page:
-        """One page of rows in file order, with a (budgeted) total count."""
+        """One page of rows in file order (or by a score), with a (budgeted) total count."""
         t0 = time.perf_counter()
         source, rowcol, sparams = self._source(query)
         where, params = self._where(query)
         if sparams:
             where.insert(0, "fts MATCH ?")
+        sort_col = query.sort.lstrip("-")
+        if sort_col and sort_col not in SCORES:
+            raise ValueError(f"sort must be one of {', '.join(SCORES)} (with '-' for highest first), got {query.sort!r}")
+        if sort_col:
+            where.append(f"f.{sort_col} IS NOT NULL")
         base_where = list(where)
         base_params = sparams + params
-        order = "ASC"
-        if query.before is not None:
-            where.append(f"{rowcol} < ?")
-            order = "DESC"
-        elif query.after is not None:
-            where.append(f"{rowcol} > ?")
-        pos = [query.before] if query.before is not None else [query.after] if query.after is not None else []
-        clause = ("WHERE " + " AND ".join(where)) if where else ""
-        sql = f"SELECT f.row FROM {source} {clause} ORDER BY {rowcol} {order} LIMIT ?"
         with self._conn() as c:
+            if sort_col:
+                order, pos = self._score_keyset(c, query, sort_col, where)
+                rowcol = f"f.{sort_col} {order}, f.row"
+            else:
+                order = "ASC"
+                if query.before is not None:
+                    where.append(f"{rowcol} < ?")
+                    order = "DESC"
+                elif query.after is not None:
+                    where.append(f"{rowcol} > ?")
+                pos = [query.before] if query.before is not None else [query.after] if query.after is not None else []
+            clause = ("WHERE " + " AND ".join(where)) if where else ""
+            sql = f"SELECT f.row FROM {source} {clause} ORDER BY {rowcol} {order} LIMIT ?"
             ids = [r[0] for r in self._run(c, sql, base_params + pos + [query.limit + 1], QUERY_BUDGET_S)]
             more = len(ids) > query.limit
             ids = ids[: query.limit]
-            if order == "DESC":
+            if query.before is not None:  # walked backwards from the page's first row: put it back in page order
                 ids.reverse()
             rows = self._fetch(c, ids)
             if query.before is not None:
@@ -305,6 +329,22 @@ class DatasetIndex:
             total, capped = self._count(c, source, base_where, base_params)
         return Page(rows, has_next and bool(rows), has_prev and bool(rows), total, capped,
                     (time.perf_counter() - t0) * 1000)
+
+    @staticmethod
+    def _score_keyset(c: sqlite3.Connection, query: Query, col: str, where: list[str]) -> tuple[str, list[Any]]:
+        """Order and keyset condition for a page sorted by a score: ties go by row in the same direction, so the
+        (score, row) index serves the order and `after`/`before` (a row on the current page) resume exactly."""
+        desc = query.sort.startswith("-")
+        anchor = query.before if query.before is not None else query.after
+        backwards = query.before is not None
+        order = "DESC" if desc != backwards else "ASC"
+        if anchor is None:
+            return order, []
+        got = c.execute(f"SELECT {col} FROM f WHERE row = ?", (anchor,)).fetchone()
+        if got is None or got[0] is None:
+            return order, []
+        where.append(f"(f.{col}, f.row) {'<' if order == 'DESC' else '>'} (?, ?)")
+        return order, [got[0], anchor]
 
     def _count(self, c, source, where, params) -> tuple[int | None, bool]:
         """Count matches under a time budget, in growing steps, so a huge result still says "10,000+"."""

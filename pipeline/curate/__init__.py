@@ -11,6 +11,10 @@ from pipeline.curate.fastdedupe import dedupe_texts
 from pipeline.curate.filters import INSTRUCTION_FILTERS, OUTPUT_FILTERS, first_failure, normalise
 from pipeline.records import Record
 
+# Reject reasons of the model-based stage (pipeline/curate/quality.py), named here so this module need not import it.
+QUALITY_REASONS = ("low_judge_score", "judge_unparsed", "judge_failed", "low_ifd", "low_reward")
+SELECT_REASON = "not_selected"
+
 
 def curate(records: list[Record], cfg: CurateConfig, seed_instructions: Sequence[str] = (),
            eval_texts: Sequence[str] = (), prior_kept: Sequence[str] = ()) -> tuple[list[Record], list[Record]]:
@@ -39,12 +43,10 @@ def curate(records: list[Record], cfg: CurateConfig, seed_instructions: Sequence
         if key in seen_exact:
             verdicts[k] = r.reject("exact_duplicate", f"same as {seen_exact[key]}")
             continue
-        if contamination is not None:
-            ov = contamination.overlap(r.instruction + " " + r.input)
-            if ov >= cfg.decontaminate_threshold:
-                verdicts[k] = r.reject("contaminated", f"{ov:.2f} of its {cfg.decontaminate_ngram}-grams are in "
-                                                       f"an eval item: {contamination.nearest(r.instruction + ' ' + r.input)}")
-                continue
+        dirty = contamination.reject(r) if contamination is not None else None
+        if dirty is not None:
+            verdicts[k] = dirty
+            continue
         seen_exact[key] = f"record {r.id}"
         candidates.append(k)
 
@@ -76,13 +78,15 @@ def contamination_report(rejected: list[Record], eval_items: int, cfg: CurateCon
                          for r in dropped[:limit]]}
 
 
-_STAGE_OF = {"exact_duplicate": "exact_duplicates", "contaminated": "decontamination", "near_duplicate": "near_duplicates"}
+_STAGE_OF = {"exact_duplicate": "exact_duplicates", "contaminated": "decontamination", "near_duplicate": "near_duplicates",
+             **{reason: "quality" for reason in QUALITY_REASONS}, SELECT_REASON: "selection"}
 
 
 def stage_counts(n_input: int, accepted: list[Record], rejected: list[Record]) -> dict[str, int]:
     """Records in, dropped at each stage (upstream/filters, exact duplicates, decontamination, near
-    duplicates), and accepted."""
+    duplicates, model-based quality scorers, selection), and accepted."""
     counts = Counter(_STAGE_OF.get(r.reject_reason or "", "filters_or_upstream") for r in rejected)
     return {"input": n_input, **{k: counts.get(k, 0) for k in ("filters_or_upstream", "exact_duplicates",
-                                                               "decontamination", "near_duplicates")},
+                                                               "decontamination", "near_duplicates", "quality",
+                                                               "selection")},
             "accepted": len(accepted)}

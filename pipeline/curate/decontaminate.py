@@ -45,3 +45,12 @@ class EvalOverlap:
 
     def is_contaminated(self, text: str) -> bool:
         return self.overlap(text) >= self.threshold
+
+    def reject(self, record):
+        """The record rejected as contaminated (with its match), or None when it is clean. One rule for curated
+        data and for the gold training data alike."""
+        text = record.instruction + " " + record.input
+        ov = self.overlap(text)
+        if ov < self.threshold:
+            return None
+        return record.reject("contaminated", f"{ov:.2f} of its {self.n}-grams are in an eval item: {self.nearest(text)}")

@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from pipeline.curate.stats import export_alpaca_jsonl
+from pipeline.curate.stats import SCORE_COLUMNS, export_alpaca_jsonl
 from pipeline.errors import DistillError
 from pipeline.store import load_records
 
@@ -36,8 +36,11 @@ def export_version(version_dir: Path, fmt: str, dest: str, token_env: str = "HF_
             raise DistillError("HF_HUB_OFFLINE=1 forbids pushing to the Hub; unset it on a machine with network.")
         from datasets import Dataset
 
+        ds = Dataset.from_parquet(str(src))
         columns = ["id", "instruction", "input", "output", "source", "teacher", "template", "run_id"]
-        ds = Dataset.from_parquet(str(src)).select_columns(columns)
+        # Quality scores travel with the data when a scorer filled them (curate.quality).
+        columns += [c for c in SCORE_COLUMNS if c in ds.column_names and any(v is not None for v in ds[c])]
+        ds = ds.select_columns(columns)
         ds.push_to_hub(dest, token=token, private=private)
         return f"https://huggingface.co/datasets/{dest}"
     raise DistillError(f"Unknown export format {fmt!r}: use jsonl, parquet or hub.")

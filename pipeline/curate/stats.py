@@ -106,10 +106,18 @@ def plot_stats(stats: dict[str, Any], folder: Path) -> list[Path]:
     return written
 
 
+SCORE_COLUMNS = ("judge_score", "judge_reason", "ifd", "reward_score", "quality_score")
+
+
+def quality_fields(record: Record) -> dict[str, Any]:
+    """The model-based scores a record carries (curate.quality), for exports; none when no scorer ran."""
+    return {k: getattr(record, k) for k in SCORE_COLUMNS if getattr(record, k) is not None}
+
+
 def export_alpaca_jsonl(records: Sequence[Record], path: Path) -> Path:
-    """Alpaca-format JSONL (instruction, input, output), atomically."""
+    """Alpaca-format JSONL (instruction, input, output, plus any quality scores), atomically."""
     from pipeline.store import atomic_write_text
 
-    atomic_write_text(path, "".join(json.dumps({"instruction": r.instruction, "input": r.input, "output": r.output},
-                                               ensure_ascii=False) + "\n" for r in records))
+    atomic_write_text(path, "".join(json.dumps({"instruction": r.instruction, "input": r.input, "output": r.output,
+                                                **quality_fields(r)}, ensure_ascii=False) + "\n" for r in records))
     return Path(path)

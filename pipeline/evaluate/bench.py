@@ -17,7 +17,7 @@ from pipeline.store import atomic_write_json, atomic_write_text
 log = logging.getLogger("distill")
 
 # Per-item numbers kept out of the summary (they go to outputs.jsonl).
-_PER_ITEM = ("answers", "per_item", "nll")
+_PER_ITEM = ("answers", "per_item", "nll", "answer_tokens")
 
 
 def gguf_params(path: Path) -> int | None:
@@ -142,16 +142,3 @@ def _unique(name: str, taken: dict) -> str:
     while out in taken:
         out, k = f"{name}-{k}", k + 1
     return out
-
-
-def train_gold_adapter(out_dir: Path, student_dir: Path, records, train_cfg) -> Path:
-    """The gold-trained contender: a LoRA adapter trained like the distilled one on gold records (kept on resume)."""
-    from pipeline.train import train
-
-    out_dir = Path(out_dir)
-    if not (out_dir / "adapter" / "adapter_config.json").exists():
-        # The gold baseline is plain SFT whatever the distillation method (it has no teacher logits).
-        gold_cfg = train_cfg.model_copy(update={"method": "sft", "finetune": "lora", "hidden_loss_weight": 0.0})
-        summary = train(student_dir, records, gold_cfg, out_dir)
-        atomic_write_json(out_dir / "train.json", summary)
-    return out_dir / "adapter"

@@ -36,6 +36,7 @@ def teacher_answers(teacher: CachedTeacher, items: list[EvalItem], max_new_token
             "errors": sum(1 for r in replies if not r.ok),
             "tokens_per_s": (sum(r.tokens_out for r in timed) / gen_time) if gen_time else None,
             "latency_s": (gen_time / len(timed)) if timed else None,
+            "answer_tokens": [r.tokens_out if r.ok else None for r in replies],
             "wall_s": time.perf_counter() - start}
 
 
@@ -180,6 +181,7 @@ def student_answers(model_dir: Path, items: list[EvalItem], max_new_tokens: int,
         "disk_bytes": disk_bytes(Path(model_dir), adapter_dir),
         "tokens_per_s": sum(g["tokens"] for g in got) / gen_time if gen_time else None,
         "latency_s": gen_time / len(items) if items else None,
+        "answer_tokens": [g["tokens"] for g in got],  # == max_new_tokens: the answer hit the limit (did not stop)
         "cached_answers": len(items) - len(todo)}
     if perplexity:
         out["nll"] = [cache.data["nll"].get(k) if items[i].reference else None for i, k in enumerate(nll_keys)]

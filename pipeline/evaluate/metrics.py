@@ -155,3 +155,26 @@ def paired_difference(a: list[float], b: list[float], names: tuple[str, str] = (
     mean = float(d.mean())
     return PairedDifference(names[0], names[1], int(d.size), mean, float(lo), float(hi), sd, level,
                             items_needed(mean, sd, level))
+
+
+def paired_ratio(a: list[float], b: list[float], samples: int = 1000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float, float, int]:
+    """mean(a) / mean(b) over the items both scored, with a paired percentile bootstrap interval.
+
+    "How much of the teacher does the student keep": each resample draws the same items for both, exactly as
+    `paired_difference` does (same seed, same draws), so item difficulty cancels in the ratio too.
+    Returns (ratio, lo, hi, n); NaNs where b's mean is 0 or nothing is shared.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired scores need the same items: {len(a)} vs {len(b)} values")
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    keep = ~(np.isnan(x) | np.isnan(y))
+    x, y = x[keep], y[keep]
+    nan = float("nan")
+    if x.size == 0 or y.mean() == 0:
+        return nan, nan, nan, int(x.size)
+    idx = np.random.default_rng(seed).integers(0, x.size, size=(samples, x.size))
+    den = y[idx].mean(axis=1)
+    ratios = np.where(den > 0, x[idx].mean(axis=1) / np.where(den > 0, den, 1.0), np.nan)
+    lo, hi = np.nanquantile(ratios, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(x.mean() / y.mean()), float(lo), float(hi), int(x.size)

@@ -74,7 +74,7 @@ def respond(teacher: CachedTeacher, rows: list[dict[str, str]], cfg: GenerateCon
     reqs = [Request(kind="chat", messages=[{"role": "user", "content": render(template, instruction=r["instruction"],
                                                                                input=r["input"])}],
                     max_tokens=cfg.response_max_tokens, temperature=cfg.response_temperature, top_p=cfg.top_p if n > 1 else 1.0,
-                    sample_index=k, stage="generate")
+                    logprobs=cfg.response_logprobs, sample_index=k, stage="generate")
             for r in rows for k in range(n)]
     with Progress(len(reqs), "generate: answers", key="generate-answers") as bar:
         replies = teacher.generate(reqs, on_done=bar.update)
@@ -94,7 +94,7 @@ def respond(teacher: CachedTeacher, rows: list[dict[str, str]], cfg: GenerateCon
             continue
         best = ok[judged[j] if judged else choose([c.text for c in ok], cfg.responses_choice)]
         records.append(Record(**{**rec.model_dump(exclude={"id"}), "output": best.text.strip(),
-                                 "finish_reason": best.finish_reason,
+                                 "finish_reason": best.finish_reason, "teacher_logprobs": best.logprobs,
                                  "raw_reply": json.dumps([c.text for c in ok], ensure_ascii=False) if n > 1 else best.text}))
     return records
 

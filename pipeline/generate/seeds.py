@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -65,3 +66,20 @@ def load_seed_tasks(path: Path) -> list[SeedTask]:
     if not tasks:
         raise InputFileError(f"Seed file {path} holds no tasks. Add at least one JSON line with an 'instruction'.")
     return tasks
+
+
+def without_heldout(tasks: list[SeedTask], heldout_instructions: Iterable[str]) -> list[SeedTask]:
+    """The seed pool the generator may show the teacher: every task whose instruction is an eval item's is removed.
+
+    An eval set cut from the seed tasks (the default second held-out set) would otherwise be shown to the teacher as
+    few-shot examples and come back, paraphrased, in the training data. Matching uses curate's exact-duplicate key
+    (case, whitespace and punctuation ignored).
+    """
+    from pipeline.curate.filters import normalise
+
+    held = {normalise(t) for t in heldout_instructions}
+    kept = [t for t in tasks if normalise(t.instruction) not in held]
+    if not kept:
+        raise InputFileError("Every seed task is also an eval item, so the generator has no seeds left. Point "
+                             "generate.seed_tasks and evaluate.eval_sets at different tasks.")
+    return kept

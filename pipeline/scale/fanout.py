@@ -4,7 +4,8 @@ The driver looks every request up in the response cache, cuts the misses into sh
 Prefect task `answer_shard` over the configured task runner. Each worker builds its own backend with
 `make_teacher` (no scale config, so no recursion) and writes replies into the same SQLite cache (WAL),
 so a crash or a re-run never pays twice. Replies come back in input order; the driver records every
-reply in its own ledger, so per-stage tallies and the budget stay exact whatever the worker count.
+reply in its own ledger, so per-stage tallies and the budget stay exact whatever the worker count (each request's worst
+case is held before its wave is sent).
 
 A multi-machine cluster needs `runs_dir` on a filesystem every node mounts (NFS, a cloud file share):
 SQLite WAL is safe for processes on one host and for hosts sharing one network filesystem with working
@@ -14,8 +15,13 @@ exact, and teacher replies (KBs) are small next to the model traffic.
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
+import sys
+from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -25,20 +31,33 @@ from pipeline.config import ScaleConfig, TeacherConfig
 from pipeline.errors import ConfigError
 from pipeline.teachers.base import Completion, Ledger, Request, ResponseCache
 
+log = logging.getLogger(__name__)
+
 
 # No Prefect result caching or retries here: the response cache already makes a re-run free, and a
 # failed shard is reported per request so the stage keeps its rejects-with-reason contract.
 @task(name="answer-shard", cache_policy=NO_CACHE, persist_result=False)
-def answer_shard(teacher_cfg: TeacherConfig, cache_path: str, shard: list[Request]) -> list[Completion]:
-    """Answer one shard on a worker with its own backend; replies land in the shared cache as they come."""
+def answer_shard(teacher_cfg: TeacherConfig, cache_path: str, shard: list[Request]) -> dict[str, Any]:
+    """Answer one shard on a worker with its own backend; replies land in the shared cache as they come.
+
+    Returns {"replies": [...], "worker": where it ran}."""
     from pipeline.teachers import make_teacher
 
     # The worker's ledger has no budget: the driver enforces it between waves of shards.
     teacher = make_teacher(teacher_cfg, Path(cache_path), Ledger())
     try:
-        return teacher.generate(shard)
+        return {"replies": teacher.generate(shard), "worker": worker_identity()}
     finally:
         teacher.close()
+
+
+def worker_identity() -> dict[str, Any]:
+    """Host, process and (under Ray) node id of the calling worker: which machines really did the work."""
+    ident: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid()}
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ident["ray_node"] = ray.get_runtime_context().get_node_id()
+    return ident
 
 
 def make_task_runner(scale: ScaleConfig):
@@ -77,9 +96,10 @@ class FanOutTeacher:
         self.model = teacher_cfg.model
         self.cache_path = Path(cache_path)
         self.cache = ResponseCache(self.cache_path)
-        self.ledger = ledger or Ledger(teacher_cfg.price_per_1m_input, teacher_cfg.price_per_1m_output,
-                                       teacher_cfg.budget_usd, teacher_cfg.budget_tokens)
+        self.ledger = ledger or Ledger.for_teacher(teacher_cfg)
         self.scale = scale
+        # (host, pid, ray node) -> requests its shards answered; logged at close, read by tests and benchmarks.
+        self.workers: Counter[tuple] = Counter()
         self._runner = None  # started on first use and kept: a Ray or Dask cluster takes seconds to start
 
     def _task_runner(self):
@@ -103,17 +123,26 @@ class FanOutTeacher:
                 on_done(1)
 
         size = self.scale.shard_size
-        shards = [todo[k:k + size] for k in range(0, len(todo), size)]
-        wave = self.scale.workers
-        for start in range(0, len(shards), wave):
-            # Budget is checked between waves; one wave (workers x shard_size calls) is the most it can overshoot.
-            if self._over_budget():
+        wave = self.scale.workers * size
+        for start in range(0, len(todo), wave):
+            # Each request's worst-case cost is held before its wave goes out, so the cap holds whatever the
+            # worker count; a request that would cross it is not sent (and the ones after it neither).
+            holds: dict[int, str] = {}
+            for i in todo[start:start + wave]:
+                hold = self.ledger.reserve(requests[i])
+                if hold is None:
+                    break
+                holds[i] = hold
+            admitted = list(holds)
+            if admitted:
+                self._run_wave(requests, [admitted[k:k + size] for k in range(0, len(admitted), size)], results,
+                               on_done, holds)
+            if len(admitted) < len(todo[start:start + wave]):
                 break
-            self._run_wave(requests, shards[start:start + wave], results, on_done)
         return [r if r is not None else Completion(error="not attempted: budget reached") for r in results]
 
     def _run_wave(self, requests: list[Request], shards: list[list[int]], results: list[Completion | None],
-                  on_done: Callable[[int], None] | None) -> None:
+                  on_done: Callable[[int], None] | None, holds: dict[int, str]) -> None:
         runner = self._task_runner()
         futures = {runner.submit(answer_shard, {"teacher_cfg": self.cfg, "cache_path": str(self.cache_path),
                                                 "shard": [requests[i] for i in shard]}): shard
@@ -121,20 +150,24 @@ class FanOutTeacher:
         for fut in as_completed(list(futures)):
             shard = futures[fut]
             try:
-                replies = fut.result()
+                answer = fut.result()
+                replies = answer["replies"]
+                w = answer["worker"]
+                self.workers[(w["host"], w["pid"], w.get("ray_node"))] += len(shard)
             except Exception as exc:  # a lost worker or a crashed shard: its requests are retried next run
                 replies = [Completion(error=f"shard failed on its worker: {type(exc).__name__}: {exc}")] * len(shard)
             for i, c in zip(shard, replies):
                 results[i] = c
-                self.ledger.record(requests[i].stage, c)
+                self.ledger.record(requests[i].stage, c, holds.get(i))
             if on_done:
                 on_done(len(shard))
 
-    def _over_budget(self) -> bool:
-        return self.ledger.over_budget()
-
     def close(self) -> None:
         """Shut the task runner down (a local Ray or Dask cluster this teacher started goes with it)."""
+        if self.workers:
+            log.info("fan-out: %d requests answered by %d worker processes on %d hosts (%d Ray nodes)",
+                     sum(self.workers.values()), len(self.workers), len({w[0] for w in self.workers}),
+                     len({w[2] for w in self.workers if w[2]}))
         if self._runner is not None:
             runner, self._runner = self._runner, None
             runner.__exit__(None, None, None)

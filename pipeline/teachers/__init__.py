@@ -52,7 +52,7 @@ def make_teacher(cfg: TeacherConfig, cache_path: Path, ledger: Ledger | None = N
     factory = _BACKENDS.get(cfg.backend)
     if factory is None:
         raise ConfigError(f"Unknown teacher.backend {cfg.backend!r}. Known backends: {', '.join(sorted(_BACKENDS))}.")
-    ledger = ledger or Ledger(cfg.price_per_1m_input, cfg.price_per_1m_output, cfg.budget_usd, cfg.budget_tokens)
+    ledger = ledger or Ledger.for_teacher(cfg)
     if scale is not None and scale.task_runner != "none":
         from pipeline.scale import FanOutTeacher  # workers call make_teacher without scale: no recursion
         return FanOutTeacher(cfg, cache_path, ledger, scale)

@@ -40,7 +40,7 @@ class LlamaCppTeacher(CachedTeacher):
     def _call_batch(self, items, store: Callable[[int, Completion], None]) -> None:
         # llama.cpp in-process runs one sequence at a time; the cache makes every call count once.
         for i, req, key in items:
-            if self._over_budget():
+            if not self._admit(req, key):
                 return
             store(i, self._call_one(req, key))
 

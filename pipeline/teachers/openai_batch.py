@@ -39,8 +39,6 @@ class OpenAIBatchTeacher(CachedTeacher):
             by_endpoint.setdefault(endpoint(item[1]), []).append(item)
         with self._client() as client:
             for path, group in by_endpoint.items():
-                if self._over_budget():
-                    return  # the rest stay "not attempted"
                 try:
                     self._run_job(client, path, group, store)
                 except openai.OpenAIError as e:  # the job could not be submitted or read: every item failed
@@ -53,15 +51,26 @@ class OpenAIBatchTeacher(CachedTeacher):
         tag = hashlib.sha256((path + "\n" + "\n".join(sorted(k for _, _, k in group))).encode()).hexdigest()
         batch_id = self.cache.pending_batch(tag)
         batch = client.batches.retrieve(batch_id) if batch_id else None
+        hold = f"batch:{tag}"  # one hold per job: a resumed run takes over the hold of the job it resumes
         if batch is None or batch.status in {"failed", "expired", "cancelled"}:
+            # A job is paid for as a whole once submitted: refuse one whose worst case (every request using its
+            # max_tokens) would cross what is left of the run's budget, before anything is uploaded.
+            if self.ledger.reserve([req for _, req, _ in group], hold_id=hold) is None:
+                self.ledger.check_budget()  # raises BudgetExceeded, saying what the job could cost and what is left
             lines = [json.dumps({"custom_id": key, "method": "POST", "url": "/v1" + path,
                                  "body": request_body(self.model, req, request_seed(self.cfg.seed, key))})
                      for _, req, key in group]
-            upload = client.files.create(file=("distill-batch.jsonl", ("\n".join(lines) + "\n").encode()),
-                                         purpose="batch")
-            batch = client.batches.create(input_file_id=upload.id, endpoint="/v1" + path,
-                                          completion_window=self.cfg.batch_completion_window)
+            try:
+                upload = client.files.create(file=("distill-batch.jsonl", ("\n".join(lines) + "\n").encode()),
+                                             purpose="batch")
+                batch = client.batches.create(input_file_id=upload.id, endpoint="/v1" + path,
+                                              completion_window=self.cfg.batch_completion_window)
+            except BaseException:
+                self.ledger.release(hold)  # never submitted: nothing to pay for
+                raise
             self.cache.remember_batch(tag, batch.id)  # before waiting: a kill from here on resumes this job
+        else:
+            self.ledger.reserve([req for _, req, _ in group], hold_id=hold, check=False)  # already committed
         while batch.status not in DONE:
             time.sleep(self.cfg.batch_poll_s)
             batch = client.batches.retrieve(batch.id)
@@ -76,6 +85,7 @@ class OpenAIBatchTeacher(CachedTeacher):
         latency = (time.perf_counter() - start) / max(1, len(group))
         for i, req, key in group:
             store(i, _completion(req, results.get(key), batch.status, latency))
+        self.ledger.release(hold)  # every item is now in the ledger at its real cost
         self.cache.forget_batch(tag)
 
 

@@ -73,7 +73,7 @@ class OpenAICompatTeacher(CachedTeacher):
 
         async def one(i: int, req: Request, key: str) -> None:
             async with sem:
-                if self._over_budget():
+                if not self._admit(req, key):
                     return  # left as "not attempted" by CachedTeacher.generate
                 store(i, await self._call_one(next(turn), req, key))
         await asyncio.gather(*(one(*item) for item in items))

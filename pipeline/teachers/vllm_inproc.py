@@ -30,6 +30,9 @@ class VLLMTeacher(CachedTeacher):
 
     def _call_batch(self, items, store: Callable[[int, Completion], None]) -> None:
         llm = self._load()
+        items = [(i, r, k) for i, r, k in items if self._admit(r, k)]  # the rest stay "not attempted"
+        if not items:
+            return
         params = [self._vllm.SamplingParams(max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p,
                                             stop=r.stop or None, logprobs=r.logprobs or None,
                                             seed=request_seed(self.cfg.seed, k)) for _, r, k in items]

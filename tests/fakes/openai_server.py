@@ -59,6 +59,10 @@ class FakeOpenAIServer:
     seed: int = 0
     timeout_sleep_s: float = 3.0
     requests: Counter = field(default_factory=Counter)  # prompt/messages digest -> times received
+    answered: Counter = field(default_factory=Counter)  # digest -> full replies sent (what a real API bills)
+    # Called with (digest, client (host, port)) once a request is received; returning True drops the connection
+    # without a reply (used to kill the calling worker mid-shard).
+    on_request: Callable[[str, tuple | None], bool] | None = None
     faults_served: Counter = field(default_factory=Counter)
     latency_s: float = 0.0
     retry_after_s: float = 0.05
@@ -68,6 +72,8 @@ class FakeOpenAIServer:
     batch_delay_s: float = 0.0
     batch_fail_custom_ids: set = field(default_factory=set)  # these lines land in the batch's error file
     files: dict = field(default_factory=dict)  # file id -> JSONL text (uploads and batch outputs)
+    honor_max_tokens: bool = False  # cut replies to the request's max_tokens (in words, the fake's token), as servers do
+    billed: Counter = field(default_factory=Counter)  # what a provider would charge: answered, prompt/completion tokens
     batches: dict = field(default_factory=dict)  # batch id -> batch object
 
     def __post_init__(self) -> None:
@@ -140,6 +146,9 @@ class FakeOpenAIServer:
         with self._lock:
             self.requests[key] += 1
             self.keys_seen[token] += 1
+        if self.on_request is not None and self.on_request(key, (request.client.host, request.client.port)
+                                                           if request.client else None):
+            return _DroppedResponse()
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
         fault = self._pick_fault(key)
@@ -162,15 +171,27 @@ class FakeOpenAIServer:
             return _DroppedResponse()
         if fault == "malformed":
             return PlainTextResponse('{"id": "x", "choices": [', media_type="application/json")
-        return JSONResponse(self._reply(body, kind, key, truncated=fault == "length"))
+        reply = self._reply(body, kind, key, truncated=fault == "length")
+        with self._lock:
+            self.answered[key] += 1
+        return JSONResponse(reply)
+
+    def billed_usd(self, price_per_1m_input: float, price_per_1m_output: float) -> float:
+        """The bill for every reply served so far, at the given prices (faults are not billed)."""
+        return (self.billed["prompt_tokens"] * price_per_1m_input + self.billed["completion_tokens"] * price_per_1m_output) / 1e6
 
     def _reply(self, body: dict, kind: str, key: str, truncated: bool = False) -> dict:
         text = self.responder(body)
         finish = "stop"
         if truncated:
             text, finish = text[: max(1, len(text) // 3)], "length"
+        if self.honor_max_tokens and body.get("max_tokens") and len(text.split()) > body["max_tokens"]:
+            text, finish = " ".join(text.split()[: body["max_tokens"]]), "length"
         usage = {"prompt_tokens": len(json.dumps(body.get("prompt") or body.get("messages")).split()),
                  "completion_tokens": len(text.split()), "total_tokens": 0}
+        with self._lock:
+            self.billed.update({"answered": 1, "prompt_tokens": usage["prompt_tokens"],
+                                "completion_tokens": usage["completion_tokens"]})
         if kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
             obj = "chat.completion"
