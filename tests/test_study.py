@@ -48,9 +48,9 @@ def saved_study(questions=("q1", "q2", "q3")) -> dict:
         plan.append({"question": c.question, "label": c.label, "data": c.data, "overrides": list(c.overrides),
                      "group": c.group, "key": key})
     per = lambda s: [float(x) for x in np.clip(BASE + s, 0, 1)]  # noqa: E731
-    cut = {"cut": "middle:10", "layers_left": 20, "raw": 0.05, "raw_ci": [0.0, 0.1], "raw_per_item": per(-0.2),
-           "sft": 0.2, "sft_ci": [0.1, 0.3], "sft_per_item": per(0.0), "kd": 0.25, "kd_ci": [0.15, 0.35],
-           "kd_per_item": per(0.05)}
+    cut = {"cut": "middle:10", "layers_left": 20, "contenders": {
+        m: {"rouge_l": float(np.mean(per(s))), "rouge_l_ci": [0.0, 0.5], "item_ids": ITEMS, "per_item": per(s)}
+        for m, s in (("raw", -0.2), ("sft", 0.0), ("kd", 0.05))}}
     study = {"source": {"data": "accepted.parquet", "command": "distill study --data accepted.parquet"},
              "questions": {q: "" for q in questions}, "options": {"questions": list(questions)},
              "config_yaml": "train:\n  max_steps: 8\n", "config_fingerprint": "abc",
@@ -81,9 +81,9 @@ def test_study_report_gives_paired_verdicts_from_saved_cells(tmp_path):
     # Q3: the student's own cut comes from Q1's cells, then the extra cut; KD beats SFT at middle:10 only.
     rows = f["q3"]["rows"]
     assert [(r["cut"], r["from_q1"]) for r in rows] == [("12-17", True), ("middle:10", False)]
-    assert rows[1]["kd_vs_sft"]["verdict"] == "better" and rows[1]["sft_vs_raw"]["verdict"] == "better"
-    assert rows[0]["kd_vs_sft"]["verdict"] != "better"
-    assert "KD beats SFT at: middle:10" in f["answers"]["q3"]
+    assert rows[1]["vs_sft"]["kd"]["verdict"] == "better" and rows[1]["vs_raw"]["sft"]["verdict"] == "better"
+    assert rows[0]["vs_sft"]["kd"]["verdict"] != "better" and rows[0]["vs_teacher"]["sft"]["verdict"] == "worse"
+    assert "kd beats SFT at: middle:10, loses to it at: 12-17" in f["answers"]["q3"]
     assert f["answers"]["q1"].startswith("sft: distilled is better than gold (+0.030")
 
     # Q2: each placement against the raw student and against all-linear on all layers.
@@ -189,7 +189,7 @@ def test_study_on_tiny_student_resumes_after_kill(tmp_path):
            "--questions", "1", "--methods", "sft", "--no-teacher",
            "--set", f"student.drop_layers={TINY_STUDENT_DROP}", "--set", "train.max_steps=2",
            "--set", "train.batch_size=2", "--set", "train.max_length=64", "--set", "evaluate.limit=3",
-           "--set", "evaluate.max_new_tokens=8", "--set", "evaluate.bootstrap_samples=100"]
+           "--set", "evaluate.max_new_tokens=4", "--set", "evaluate.bootstrap_samples=100"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
