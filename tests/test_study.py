@@ -189,7 +189,7 @@ def test_study_on_tiny_student_resumes_after_kill(tmp_path):
            "--questions", "1", "--methods", "sft", "--no-teacher",
            "--set", f"student.drop_layers={TINY_STUDENT_DROP}", "--set", "train.max_steps=2",
            "--set", "train.batch_size=2", "--set", "train.max_length=64", "--set", "evaluate.limit=3",
-           "--set", "evaluate.max_new_tokens=4", "--set", "evaluate.bootstrap_samples=100"]
+           "--set", "evaluate.max_new_tokens=8", "--set", "evaluate.bootstrap_samples=100"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
