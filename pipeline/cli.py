@@ -226,7 +226,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     cfg, records, data, out = load_inputs(args.run_id, args.runs_dir, args.data, args.profile, overrides, args.out)
     options = StudyOptions(questions=tuple(f"q{q.lstrip('qQ')}" for q in names(args.questions)),
                            methods=names(args.methods), targets=names(args.targets), layers=names(args.layers),
-                           cuts=tuple(c.strip() for c in args.cuts.split(";") if c.strip()), teacher=args.teacher)
+                           cuts=tuple(c.strip() for c in args.cuts.split(";") if c.strip()),
+                           cut_methods=names(args.cut_methods), teacher=args.teacher)
     command = "distill " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["study"] else "distill study"
     study = run_study(cfg, records, out, options, source={"data": str(data), "run_id": args.run_id,
                                                           "command": command, "overrides": overrides})
@@ -363,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key for every cell, e.g. --set train.max_steps=32 (repeatable)")
     st.add_argument("--budget", choices=["small", "profile"], default="small",
-                    help="small (default): a CPU-sized budget (train.max_steps=24, 40 eval items, 96 new tokens) "
+                    help="small (default): a CPU-sized budget (train.max_steps=16, 30 eval items, 64 new tokens) "
                          "under your --set keys; profile: the config's own settings")
     st.add_argument("--out", help="output folder (default: the run's study/, or ./study); rerun to resume")
     st.add_argument("--questions", default="1,2,3", help="which questions: 1 data, 2 placement, 3 cuts")
@@ -372,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--layers", default="early,middle,late", help="Q2: train.lora_layers values")
     st.add_argument("--cuts", default="middle:10", help="Q3: extra layer cuts separated by ';' (the student's own "
                                                         "cut is always a row), e.g. 'middle:10;20-29'")
+    st.add_argument("--cut-methods", default="sft,kd", help="Q3: methods trained on every cut, as for `distill ablate "
+                                                             "--methods` (e.g. sft,kd,on-policy,sft+hidden)")
     st.add_argument("--teacher", action=argparse.BooleanOptionalAction, default=True,
                     help="score the teacher too (the reference Q3's cuts are compared with)")
     st.set_defaults(func=cmd_study)
