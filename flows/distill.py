@@ -42,6 +42,13 @@ def train(run_dir: str) -> dict:
         return stages.train_stage(Run.open(run_dir))
 
 
+@task(name="train-gold", persist_result=True, cache_policy=stage_cache("pipeline/train", "pipeline/models.py"))
+def train_gold(run_dir: str) -> dict:
+    """The gold-trained contender: same student, method, steps and size, on the original data."""
+    with limit("gpu"):
+        return stages.gold_stage(Run.open(run_dir))
+
+
 @task(name="evaluate", persist_result=True,
       cache_policy=stage_cache("pipeline/evaluate", "pipeline/models.py", "pipeline/teachers"))
 def evaluate(run_dir: str) -> dict:
@@ -113,6 +120,8 @@ def distill(profile: str = "cpu-demo", overrides: list[str] | None = None, confi
             run.set_state("completed", summary={"accepted": curation["accepted"], "rejected": curation["rejected"]})
             return {"run_dir": str(run.dir.resolve()), **curation}
         training = train(run_dir)
+        if cfg.evaluate.gold_student:
+            train_gold(run_dir)
         evaluation = evaluate(run_dir)
         summary = report(run_dir, generation, curation, training, evaluation)
         decision = promote(run_dir, summary["model_id"])

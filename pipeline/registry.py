@@ -186,7 +186,10 @@ def promote(catalog: Catalog, model_id: str, rule: RetrainConfig) -> Decision:
                      (f"{model_id}@{now_iso()}", model_id, d.champion_id, int(d.promoted), d.reason, d.metric,
                       json.dumps(d.as_dict(), default=str), now_iso()))
         if d.promoted:
-            export_champion(catalog.path.parent, dict(row))
+            target = export_champion(catalog.path.parent, dict(row))
+            from pipeline.ship import ship_champion  # the champion as a GGUF too, ready to serve
+
+            ship_champion(target, Path(row["path"]).parent, rule.champion_gguf)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:

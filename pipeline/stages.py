@@ -198,6 +198,10 @@ def train_stage(run: Run) -> dict[str, Any]:
     summary = train(student_dir, accepted, cfg.train, run.dir, student=cfg.student)
     manifest = run.path("datasets", "curated", "manifest.json")
     summary["dataset"] = _read_json(manifest).get("id") if manifest.exists() else None
+    from pipeline.scale.distributed import is_main_process
+
+    if not is_main_process():  # under a multi-process launch only rank 0 writes the run's files
+        return summary
     atomic_write_json(summary_path, summary)
     log.info("train: %d examples, %d steps, loss %.3f -> %.3f, %s tokens/s", summary["examples"], summary["steps"],
              summary["first_loss"] or 0, summary["last_loss"] or 0, summary["tokens_per_s"])
@@ -293,6 +297,9 @@ def evaluate_stage(run: Run) -> dict[str, Any]:
     for name, (model_dir, adapter) in students.items():
         contenders[name] = student_answers(model_dir, items, ev.max_new_tokens, ev.batch_size, adapter_dir=adapter,
                                            label=name.replace("_", " "), cache_dir=cache_dir, perplexity=ev.perplexity)
+    from pipeline.evaluate.runtime import speed_on_one_runtime
+
+    speed_on_one_runtime(cfg, run.dir, contenders, students, items)  # speed and size of every row on one runtime
     # The judge spends from the run's budget too, at its own prices.
     judge_ledger = ledger.priced(ev.judge.price_per_1m_input, ev.judge.price_per_1m_output) if ev.judge else None
     judge = make_teacher(ev.judge, cache_dir / "teacher.sqlite", judge_ledger) if ev.judge else None
