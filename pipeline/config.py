@@ -200,12 +200,12 @@ class TrainConfig(Strict):
     lora_layers: str = Field("all", description="Decoder layers LoRA wraps (peft layers_to_transform): all, early / middle / late (a third of the student's layers each), or a block 'a-b' (inclusive, student layer numbers).")
     epochs: float = Field(2.0, gt=0, description="Passes over the accepted data.")
     max_steps: int = Field(-1, description="Stop after this many optimiser steps (-1: use epochs).")
-    batch_size: int = Field(4, ge=1, description="Per-device batch size.")
+    batch_size: int = Field(4, ge=1, description="Examples per optimizer step (times grad_accum). On N training processes (torchrun, accelerate launch) each takes batch_size / N, so the effective batch stays batch_size x grad_accum.")
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
     learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
     max_length: int = Field(256, ge=16, description="Tokens per example after the chat template; longer ones are truncated (counted before training).")
     seed: int = Field(0, description="Training seed.")
-    mix_gold: int = Field(0, ge=0, description="Add this many gold Alpaca records to the generated data (0: pure distillation).")
+    mix_gold: int = Field(0, ge=0, description="Add this many records of the original data (evaluate.gold_train, decontaminated against the eval sets like curated data) to the generated data (0: pure distillation).")
     method: Literal["sft", "kd", "on-policy"] = Field("sft", description="sft: cross-entropy on the teacher's text; kd: Hinton logit distillation, kd_alpha * CE + (1 - kd_alpha) * T^2 * KL(teacher_T || student_T); on-policy: the student answers the instructions itself and the teacher scores every token (TRL's DistillationTrainer, generalized JSD).")
     finetune: Literal["lora", "full"] = Field("lora", description="lora: train a LoRA adapter; full: train every weight (small students only; saves the whole model).")
     kd_alpha: float = Field(0.5, ge=0, le=1, description="Weight of the cross-entropy term in the KD loss (1.0 = plain SFT).")
@@ -355,6 +355,51 @@ class RunConfig(Strict):
         """Stable hash of the resolved config (recorded in manifests)."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# Keys that change how a run spends or reaches its teacher, never what it produces: a resumed run may change them
+# (raising the budget to continue is the common case); the change is recorded in its status.
+OPERATIONAL_KEYS = ("name", "runs_dir", "scale.", "evaluate.batch_size", "train.check_memory", "retrain.cron",
+                    "retrain.timezone")
+OPERATIONAL_TEACHER_KEYS = ("base_url", "extra_base_urls", "api_key_env", "api_key_secret_block", "max_concurrency",
+                            "timeout_s", "max_retries", "malformed_backoff_s", "batch_poll_s", "batch_completion_window",
+                            "n_threads", "price_per_1m_input", "price_per_1m_output", "budget_usd", "budget_tokens")
+# The first stage each result key feeds (the stages after it consume its output): (key prefix, stage).
+STAGE_OF_KEY = (("evaluate.eval_set", "curate"), ("teacher.", "generate"), ("generate.", "generate"),
+                ("curate.", "curate"), ("student.", "train"), ("train.", "train"), ("evaluate.", "evaluate"),
+                ("retrain.", "report"))
+STAGE_ORDER = ("generate", "curate", "train", "evaluate", "report")
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+def is_operational(key: str) -> bool:
+    """True for a key that cannot change a run's outputs (see OPERATIONAL_KEYS)."""
+    if any(key == k or (k.endswith(".") and key.startswith(k)) for k in OPERATIONAL_KEYS):
+        return True
+    for section in ("teacher.", "evaluate.judge."):
+        if key.startswith(section) and key[len(section):] in OPERATIONAL_TEACHER_KEYS:
+            return True
+    return False
+
+
+def config_changes(old: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose resolved values differ between two configs: key -> (old, new)."""
+    a, b = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def first_stage_changed(keys: list[str]) -> str | None:
+    """The earliest stage whose inputs the given result keys change (None when none does)."""
+    stages = [next((stage for prefix, stage in STAGE_OF_KEY if k.startswith(prefix)), "generate") for k in keys]
+    return min(stages, key=STAGE_ORDER.index) if stages else None
 
 
 def profile_path(name: str) -> Path:

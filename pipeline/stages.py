@@ -198,6 +198,10 @@ def train_stage(run: Run) -> dict[str, Any]:
     summary = train(student_dir, accepted, cfg.train, run.dir, student=cfg.student)
     manifest = run.path("datasets", "curated", "manifest.json")
     summary["dataset"] = _read_json(manifest).get("id") if manifest.exists() else None
+    from pipeline.scale.distributed import is_main_process
+
+    if not is_main_process():  # under a multi-process launch only rank 0 writes the run's files
+        return summary
     atomic_write_json(summary_path, summary)
     log.info("train: %d examples, %d steps, loss %.3f -> %.3f, %s tokens/s", summary["examples"], summary["steps"],
              summary["first_loss"] or 0, summary["last_loss"] or 0, summary["tokens_per_s"])
@@ -336,14 +340,14 @@ def _gold_note(gold: dict[str, Any]) -> dict[str, Any]:
 
 
 def report_stage(run: Run, generation: dict, curation: dict, training: dict, evaluation: dict) -> dict[str, Any]:
-    """report.md/json/png, then mark the run completed in its status and the catalog."""
+    """report.md/json/png, and the distilled student registered as a candidate. The run is not completed yet: the
+    flow marks it so only after the registry decided (a kill in between leaves a run that resumes)."""
     ledger = {k: v for k, v in run_ledger(run).as_dict().items() if k != "total"}  # every stage and resume
     results = {"run_id": run.id, "generation": generation, "curation": curation, "training": training,
                "evaluation": {k: v for k, v in evaluation.items() if k != "ledger"}, "ledger": ledger}
     path = write_report(run.dir, results)
     summary = {"report": str(path), **headline(results), "accepted": curation.get("accepted"),
                "rejected": curation.get("rejected")}
-    run.set_state("completed", summary=summary)
     from pipeline.registry import register_model  # a candidate until the registry decides champion/challenger
 
     summary["model_id"] = register_model(run, curation, evaluation, headline(results))
