@@ -73,7 +73,15 @@ def main() -> None:
         # One local cluster for every point; RayTaskRunner joins an initialised Ray instead of starting its own.
         ray.init(num_cpus=max(counts), include_dashboard=False, log_to_driver=False)
     try:
-        result = run_points(a, counts)
+        if os.environ.get("PREFECT_API_URL"):
+            result = run_points(a, counts)
+        else:
+            from prefect.testing.utilities import prefect_test_harness
+
+            # One Prefect API for the driver and every worker (they receive its address with each task); without
+            # one, each cluster worker starts a temporary server of its own for every shard.
+            with prefect_test_harness(server_startup_timeout=180):
+                result = run_points(a, counts)
     finally:
         if head is not None:
             head.stop()
