@@ -1,6 +1,6 @@
 """Benchmark: Alpaca's near-duplicate rule (ROUGE-L > 0.7 against any kept instruction) at 50k and 1M.
 
-Synthetic sets come from the 5,000 Alpaca instructions in ../shared/data/alpaca_5000.json: fresh ones are the
+Synthetic sets come from the 5,000 Alpaca records in data/ (alpaca_dev + alpaca_gold_train): fresh ones are the
 instructions themselves, then mutations of them (each word replaced with probability 0.4 by a word drawn
 from the instructions, inputs and outputs), with ~20% planted near-duplicates (swapped, dropped or added words,
 case and punctuation changes) of earlier ones. Alpaca's own loop (rouge_score `_score_lcs` against every
