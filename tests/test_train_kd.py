@@ -163,3 +163,7 @@ def test_cut_depth_table_compares_methods_per_cut_against_sft(student, tmp_path)
     assert json.loads((tmp_path / "cut_depth.json").read_text())[0]["cut"] == "2-29"
     # A rerun reuses the saved cells (a killed ablation resumes) and gives the same table.
     assert cut_depth(cfg, kd_records(), tmp_path, cuts, alpha=0.5, temperature=2.0, methods=("sft", "kd")) == rows
+    # A stopped ablation: --saved-only tabulates the cells that were saved and trains nothing.
+    next((tmp_path / "cells").glob("cut-every10-kd-*.json")).unlink()
+    partial = cut_depth(cfg, kd_records(), tmp_path, cuts, methods=("sft", "kd"), saved_only=True)
+    assert partial == rows[:-1] and not list((tmp_path / "cells").glob("cut-every10-kd-*.json"))

@@ -49,11 +49,14 @@ def _hit_limit(tokens: list[int | None], limit: int) -> float | None:
     return sum(1 for t in known if t >= limit) / len(known) if known else None
 
 
-def _cell(out_dir: Path, name: str, work: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
-    """Run one cell unless its result is already saved."""
+def _cell(out_dir: Path, name: str, work: Callable[[Path], dict[str, Any]], saved_only: bool = False
+          ) -> dict[str, Any] | None:
+    """Run one cell unless its result is already saved (saved_only: never run, None when it is not saved)."""
     path = out_dir / "cells" / f"{name}.json"
     if path.exists():
         return json.loads(path.read_text())
+    if saved_only:
+        return None
     result = work(out_dir / "cells" / name)
     atomic_write_json(path, result)
     return result
@@ -121,10 +124,11 @@ def parse_contender(spec: str) -> tuple[str, bool]:
 def cut_depth(cfg: RunConfig, records: list[Record], out_dir: Path, cuts: list[str | list[int]],
               alpha: float = 0.5, temperature: float = 2.0, methods: tuple[str, ...] = ("sft", "kd"),
               hidden_weight: float = 1.0, method_overrides: dict[str, dict[str, Any]] | None = None,
-              ) -> list[dict[str, Any]]:
+              saved_only: bool = False) -> list[dict[str, Any]]:
     """For each layer cut: the raw student and a student trained by each method, all scored on the same dev items,
-    each trained one against SFT by the paired bootstrap. Writes cut_depth.md/.json/.png; returns the rows."""
-    from pipeline.evaluate.metrics import paired_difference
+    each trained one against SFT by the paired bootstrap. Writes cut_depth.md/.json/.png; returns the rows.
+
+    saved_only: train nothing, tabulate the cells saved so far (the partial table of a stopped ablation)."""
     from pipeline.models import resolve_student
 
     out_dir = Path(out_dir)
@@ -136,7 +140,8 @@ def cut_depth(cfg: RunConfig, records: list[Record], out_dir: Path, cuts: list[s
     for cut in cuts:
         student_dir = resolve_student("embedded-cut", cut, cfg.student.cut_from)
         tag = str(cut).replace(" ", "").replace(":", "").replace(",", "_").strip("[]")
-        cells = {"raw": _cell(out_dir, f"cut-{tag}-raw-{key}", lambda _: {"method": "raw", **_score(student_dir, None, cfg)})}
+        cells = {"raw": _cell(out_dir, f"cut-{tag}-raw-{key}", lambda _: {"method": "raw", **_score(student_dir, None, cfg)},
+                              saved_only)}
         for (method, hidden), spec in zip(contenders, methods):
             update = {"hidden_loss_weight": hidden_weight if hidden else 0.0, **(method_overrides or {}).get(spec, {})}
             a = 1.0 if method == "sft" else alpha
@@ -144,18 +149,34 @@ def cut_depth(cfg: RunConfig, records: list[Record], out_dir: Path, cuts: list[s
             digest = hashlib.sha256(f"{key}{tcfg.model_dump_json()}".encode()).hexdigest()[:8]
             cells[spec] = _cell(out_dir, f"cut-{tag}-{spec}-{digest}",
                                 _train_and_score(student_dir, records, cfg, teacher_dir, method, a, temperature,
-                                                 update, cut))
-        base = cells.get("sft")
-        for spec, cell in cells.items():
-            vs = None
-            if base is not None and spec != "sft":
-                vs = paired_difference(cell["per_item"], base["per_item"], names=(spec, "sft"),
-                                       samples=cfg.evaluate.bootstrap_samples).as_dict()
-            # Per-item scores stay in the rows so any two cells on the same items can be compared pairwise later.
-            rows.append({"cut": cut, "contender": spec, **cell, "vs_sft": vs})
-            log.info("cut %s %s: ROUGE-L %.4f%s", cut, spec, cell["rouge_l"],
-                     f" (vs SFT {vs['mean']:+.4f} [{vs['lo']:+.4f}, {vs['hi']:+.4f}])" if vs else "")
+                                                 update, cut), saved_only)
+            if not saved_only:  # the table so far: a stopped ablation still leaves one
+                _write_cut_table(out_dir, rows + _cut_rows(cut, cells, cfg), records, cfg, alpha, temperature,
+                                 hidden_weight)
+        rows += _cut_rows(cut, cells, cfg)
+    for r in rows:
+        d = r["vs_sft"]
+        log.info("cut %s %s: ROUGE-L %.4f%s", r["cut"], r["contender"], r["rouge_l"],
+                 f" (minus SFT {d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}])" if d else "")
     _write_cut_table(out_dir, rows, records, cfg, alpha, temperature, hidden_weight)
+    return rows
+
+
+def _cut_rows(cut, cells: dict[str, dict | None], cfg: RunConfig) -> list[dict[str, Any]]:
+    """One row per contender that has a result, each with its paired difference to SFT on the same items."""
+    from pipeline.evaluate.metrics import paired_difference
+
+    rows = []
+    base = cells.get("sft")
+    for spec, cell in cells.items():
+        if cell is None:
+            continue
+        vs = None
+        if base is not None and spec != "sft":
+            vs = paired_difference(cell["per_item"], base["per_item"], names=(spec, "sft"),
+                                   samples=cfg.evaluate.bootstrap_samples).as_dict()
+        # Per-item scores stay in the rows so any two cells on the same items can be compared pairwise later.
+        rows.append({"cut": cut, "contender": spec, **cell, "vs_sft": vs})
     return rows
 
 
