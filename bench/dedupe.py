@@ -10,7 +10,13 @@ start-up, seconds per `_score_lcs`). Each size runs in a fresh process, so peak 
 
     python bench/dedupe.py                      # 50k and 1M, Alpaca's loop on 5k (15+ minutes)
     python bench/dedupe.py --sizes 50000 --alpaca-n 500
+    python bench/dedupe.py --cli 10000000 --vocab instructions   # `distill dedupe` end to end, /usr/bin/time -v
 Prints one JSON object.
+
+`--cli N` writes N records as JSONL and times the real command (`python -m pipeline.cli dedupe`), reading
+wall time and peak RSS from /usr/bin/time -v. `--vocab instructions` builds every synthetic record from the
+words of the 5,000 instructions only (a smaller vocabulary, so posting lists grow with N); `corpus` (the
+default) also draws words from their inputs and outputs.
 """
 
 from __future__ import annotations
@@ -29,20 +35,50 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data" / "alpaca_5000.json"
 
 
-def load_base(path: Path) -> tuple[list[str], list[str]]:
-    rows = json.loads(path.read_text())
-    words = [w for r in rows for f in ("instruction", "input", "output") for w in r[f].split()]
-    return [r["instruction"] for r in rows], words
+def load_base(vocab: str = "corpus") -> tuple[list[str], list[str]]:
+    from pipeline.curate.synthetic import alpaca_records
+
+    rows = alpaca_records()
+    fields = ("instruction", "input", "output") if vocab == "corpus" else ("instruction",)
+    return [r["instruction"] for r in rows], [w for r in rows for f in fields for w in r[f].split()]
 
 
-def make_set(n: int, seed: int = 0) -> tuple[list[str], list[int]]:
+def make_set(n: int, seed: int = 0, vocab: str = "corpus") -> tuple[list[str], list[int]]:
     from pipeline.curate.synthetic import synthetic_instructions
 
-    base, words = load_base(DATA)
+    base, words = load_base(vocab)
     return synthetic_instructions(base, n, dup_fraction=0.2, seed=seed, corpus_words=words)
+
+
+def run_cli(n: int, vocab: str, cores: int) -> dict:
+    """`distill dedupe` on n JSONL records, in a child process under /usr/bin/time -v (wall, peak RSS)."""
+    import tempfile
+
+    texts, planted = make_set(n, vocab=vocab)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "in.jsonl", Path(tmp) / "kept.jsonl"
+        with open(src, "w", encoding="utf-8") as f:
+            for i, t in enumerate(texts):
+                f.write(json.dumps({"instruction": t, "input": "", "output": f"answer {i}"}) + "\n")
+        del texts
+        size_mb = src.stat().st_size / 2**20
+        cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:cores])
+        cmd = ["/usr/bin/time", "-v", "taskset", "-c", cpus, sys.executable, "-m", "pipeline.cli", "dedupe",
+               str(src), str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        if proc.returncode:
+            raise SystemExit(proc.stderr[-3000:])
+        stats = json.loads(proc.stdout)
+        tv = {k.strip(): v.strip() for k, _, v in (ln.partition(": ") for ln in proc.stderr.splitlines() if ": " in ln)}
+        h, m, sec = (["0"] + tv["Elapsed (wall clock) time (h:mm:ss or m:ss)"].split(":"))[-3:]
+        wall = int(h) * 3600 + int(m) * 60 + float(sec)
+    return {"records": n, "vocab": vocab, "input_mb": round(size_mb), "wall_s": round(wall, 1),
+            "cpu_s": round(float(tv["User time (seconds)"]) + float(tv["System time (seconds)"]), 1),
+            "peak_rss_mb": round(int(tv["Maximum resident set size (kbytes)"]) / 1024),
+            "kept": stats["kept"], "dropped": stats["dropped"], "planted": len(planted), "cores": cores,
+            "load_average_1min": round(os.getloadavg()[0], 1)}
 
 
 def run_ours(n: int, cores: int) -> dict:
@@ -116,7 +152,17 @@ def main() -> None:
     ap.add_argument("--alpaca-n", type=int, default=5000, help="instructions for Alpaca's loop (0: skip)")
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child mode: one size, JSON out
+    ap.add_argument("--cli", type=int, nargs="*", help="time `distill dedupe` end to end on these sizes instead")
+    ap.add_argument("--vocab", choices=["corpus", "instructions"], default="corpus",
+                    help="words the synthetic records are built from (see above)")
     args = ap.parse_args()
+    if args.cli:
+        runs = []
+        for n in args.cli:
+            runs.append(run_cli(n, args.vocab, args.cores))
+            print(json.dumps(runs[-1]), file=sys.stderr, flush=True)  # each size as it finishes
+        print(json.dumps({"command": "distill dedupe in.jsonl kept.jsonl", "runs": runs}, indent=2))
+        return
     if args.one:
         print(json.dumps(run_ours(args.one, args.cores)))
         return

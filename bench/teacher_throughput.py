@@ -2,7 +2,9 @@
 the same concurrency, and vs. a sequential one-request-at-a-time loop like Alpaca's, all against the same fake
 OpenAI-compatible server (its own process, fixed latency per request). Prints JSON.
 
-    python bench/teacher_throughput.py --requests 400 --concurrency 16 --latency-s 0.2
+    python bench/teacher_throughput.py --concurrency 16 64 --latency-s 0.2 --repeats 5
+
+Each concurrency c sends `--waves` x c requests (25 waves: 400 at 16, 1,600 at 64) unless --requests says.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
+try:  # the HTTP library the openai SDK itself sends with (openai 3.x: httpx2), so the floor shares its transport
+    import httpx2 as httpx
+except ImportError:
+    import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -53,8 +58,14 @@ async def _bare(base_url: str, n: int, concurrency: int, run: str) -> tuple[floa
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=30) as client:
         async def one(i: int) -> int:
             async with sem:
-                r = await client.post("/chat/completions", json={"model": "fake-teacher", "max_tokens": 64,
-                                                                 "messages": messages(i, run)})
+                for attempt in range(3):  # a keep-alive connection the server just closed: retry, as the SDK does
+                    try:
+                        r = await client.post("/chat/completions", json={"model": "fake-teacher", "max_tokens": 64,
+                                                                         "messages": messages(i, run)})
+                        break
+                    except httpx.TransportError:
+                        if attempt == 2:
+                            raise
                 r.raise_for_status()
                 return r.json()["usage"]["completion_tokens"]
         start = time.perf_counter()
@@ -84,37 +95,50 @@ def start_server(latency_s: float) -> tuple[subprocess.Popen, str]:
     return proc, proc.stdout.readline().strip()
 
 
+def measure(base_url: str, n: int, concurrency: int, repeats: int) -> dict:
+    """Median tokens/s of ours and of the bare load over `repeats` interleaved runs, and the overhead."""
+    bare(base_url, concurrency, concurrency, f"warm-up-{concurrency}")  # connections and imports warmed once
+    ours(base_url, concurrency, concurrency, f"warm-up-{concurrency}")
+    runs: dict[str, list[float]] = {"ours": [], "bare": []}
+    cpu: dict[str, list[float]] = {"ours": [], "bare": []}  # this process's CPU per request: steadier under load
+    for k in range(repeats):  # interleaved, so load from other processes hits both alike
+        for name, fn in (("ours", ours), ("bare", bare)) if k % 2 == 0 else (("bare", bare), ("ours", ours)):
+            cpu0 = time.process_time()
+            wall, tokens = fn(base_url, n, concurrency, f"{name}-{concurrency}-{k}")
+            cpu[name].append((time.process_time() - cpu0) / n * 1000)
+            runs[name].append(tokens / wall)
+    ours_tps, bare_tps = statistics.median(runs["ours"]), statistics.median(runs["bare"])
+    return {"concurrency": concurrency, "requests": n, "ours_tokens_per_s": round(ours_tps, 1),
+            "bare_httpx_tokens_per_s": round(bare_tps, 1),
+            "ours_runs": [round(x, 1) for x in runs["ours"]], "bare_runs": [round(x, 1) for x in runs["bare"]],
+            "overhead_vs_bare_pct": round(100 * (1 - ours_tps / bare_tps), 2),
+            "ours_cpu_ms_per_request": round(statistics.median(cpu["ours"]), 3),
+            "bare_cpu_ms_per_request": round(statistics.median(cpu["bare"]), 3), "_ours_tps": ours_tps}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--requests", type=int, default=400)
-    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--requests", type=int, help="requests per measurement (default: --waves x concurrency)")
+    p.add_argument("--waves", type=int, default=25)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
     p.add_argument("--latency-s", type=float, default=0.2, help="fixed server latency per request")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--sequential-requests", type=int, default=25)
     args = p.parse_args()
 
     proc, base_url = start_server(args.latency_s)
     try:
-        bare(base_url, args.concurrency, args.concurrency, "warm-up")  # connections and imports warmed once
-        ours(base_url, args.concurrency, args.concurrency, "warm-up")
-        runs: dict[str, list[float]] = {"ours": [], "bare": []}
-        for k in range(args.repeats):  # interleaved, so load from other processes hits both alike
-            for name, fn in (("ours", ours), ("bare", bare)) if k % 2 == 0 else (("bare", bare), ("ours", ours)):
-                wall, tokens = fn(base_url, args.requests, args.concurrency, f"{name}-{k}")
-                runs[name].append(tokens / wall)
+        results = [measure(base_url, args.requests or args.waves * c, c, args.repeats) for c in args.concurrency]
         seq_wall, seq_tokens = sequential(base_url, args.sequential_requests, "sequential")
     finally:
         stop_process(proc)
-
-    ours_tps, bare_tps, seq_tps = statistics.median(runs["ours"]), statistics.median(runs["bare"]), seq_tokens / seq_wall
+    seq_tps = seq_tokens / seq_wall
+    for r in results:
+        r["speedup_vs_sequential"] = round(r.pop("_ours_tps") / seq_tps, 1)
     print(json.dumps({
-        "requests": args.requests, "concurrency": args.concurrency, "server_latency_s": args.latency_s,
-        "repeats": args.repeats, "cpu_cores": len(os.sched_getaffinity(0)), "load_avg_1m": os.getloadavg()[0],
-        "ours_tokens_per_s": round(ours_tps, 1), "bare_httpx_tokens_per_s": round(bare_tps, 1),
-        "ours_runs": [round(x, 1) for x in runs["ours"]], "bare_runs": [round(x, 1) for x in runs["bare"]],
-        "overhead_vs_bare_pct": round(100 * (1 - ours_tps / bare_tps), 2),
-        "sequential_tokens_per_s": round(seq_tps, 1),
-        "speedup_vs_sequential": round(ours_tps / seq_tps, 1),
+        "server_latency_s": args.latency_s, "bare_http_library": f"{httpx.__name__} {httpx.__version__}", "repeats": args.repeats, "statistic": "median of repeats",
+        "cpu_cores": len(os.sched_getaffinity(0)), "load_avg_1m": round(os.getloadavg()[0], 1),
+        "results": results, "sequential_tokens_per_s": round(seq_tps, 1),
     }, indent=2))
 
 

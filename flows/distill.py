@@ -42,6 +42,13 @@ def train(run_dir: str) -> dict:
         return stages.train_stage(Run.open(run_dir))
 
 
+@task(name="train-gold", persist_result=True, cache_policy=stage_cache("pipeline/train", "pipeline/models.py"))
+def train_gold(run_dir: str) -> dict:
+    """The gold-trained contender: same student, method, steps and size, on the original data."""
+    with limit("gpu"):
+        return stages.gold_stage(Run.open(run_dir))
+
+
 @task(name="evaluate", persist_result=True,
       cache_policy=stage_cache("pipeline/evaluate", "pipeline/models.py", "pipeline/teachers"))
 def evaluate(run_dir: str) -> dict:
@@ -91,12 +98,13 @@ def dataset_artifact(curation: dict) -> None:
 
 @flow(name="distill")
 def distill(profile: str = "cpu-demo", overrides: list[str] | None = None, config: RunConfig | None = None,
-            run_id: str | None = None, stages_to_run: Literal["full", "data", "retrain"] = "full") -> dict:
+            run_id: str | None = None, stages_to_run: Literal["full", "data", "retrain"] = "full",
+            allow_config_change: bool = False) -> dict:
     """Distil the teacher into the student and report whether it worked."""
     logger = get_run_logger()
     cfg = config or load_config(profile=profile, overrides=overrides)
     stages.preflight(cfg)
-    run = Run.create(cfg, run_id)
+    run = Run.create(cfg, run_id, allow_config_change=allow_config_change)
     logger.info("Run folder: %s", run.dir.resolve())
     create_link_artifact(key="distill-run-folder", link=run.dir.resolve().as_uri(), link_text=str(run.dir.resolve()),
                          description=f"Run folder of {run.id}")
@@ -112,9 +120,13 @@ def distill(profile: str = "cpu-demo", overrides: list[str] | None = None, confi
             run.set_state("completed", summary={"accepted": curation["accepted"], "rejected": curation["rejected"]})
             return {"run_dir": str(run.dir.resolve()), **curation}
         training = train(run_dir)
+        if cfg.evaluate.gold_student:
+            train_gold(run_dir)
         evaluation = evaluate(run_dir)
         summary = report(run_dir, generation, curation, training, evaluation)
         decision = promote(run_dir, summary["model_id"])
+        # Completed only now: the model is registered and the registry has decided.
+        run.set_state("completed", summary={**summary, "promoted": decision["promoted"], "decision": decision["reason"]})
     except BaseException as e:
         run.set_state("failed", error=f"{type(e).__name__}: {e}")
         raise

@@ -90,8 +90,9 @@ def _hash_paths(paths: tuple[str, ...]) -> str:
 class StageCode(CachePolicy):
     """Cache key part: the code a stage runs (its pipeline modules) and the identity of the run folder.
 
-    The folder's `created` stamp changes when a run folder is deleted and made again under the same id, so a
-    cached result never points at files that are gone.
+    The folder's `created` stamp changes when a run folder is deleted and made again under the same id, and the
+    hash of its config.yaml when a resume changed the config, so a cached result never points at files that are
+    gone or were made from another config.
     """
 
     paths: tuple[str, ...] = ()
@@ -100,7 +101,10 @@ class StageCode(CachePolicy):
                     **kwargs: Any) -> str | None:
         status = Path(inputs["run_dir"]) / "status.json"
         created = json.loads(status.read_text()).get("created") if status.exists() else None
-        return hashlib.sha256(f"{_hash_paths(self.paths)}|{created}".encode()).hexdigest()
+        # The run's config too: a resume with an allowed config change must run the stages again, not replay them.
+        config = Path(inputs["run_dir"]) / "config.yaml"
+        config_hash = hashlib.sha256(config.read_bytes()).hexdigest() if config.exists() else None
+        return hashlib.sha256(f"{_hash_paths(self.paths)}|{created}|{config_hash}".encode()).hexdigest()
 
 
 def stage_cache(*paths: str) -> CachePolicy:

@@ -45,13 +45,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.stages import preflight
 
     preflight(cfg)  # bad seeds, eval set or model: fail in a second, before Prefect starts
+    if args.dry_run:
+        return print_estimate(cfg, args)
     _quiet_prefect()
     from flows.distill import distill
 
     start = time.perf_counter()
-    result = distill(config=cfg, run_id=args.run_id, stages_to_run="data" if args.data_only else "full")
+    result = distill(config=cfg, run_id=args.run_id, stages_to_run="data" if args.data_only else "full",
+                     allow_config_change=args.allow_config_change)
     elapsed = time.perf_counter() - start
     print_summary(result, elapsed)
+    return 0
+
+
+def print_estimate(cfg, args: argparse.Namespace) -> int:
+    """`distill run --dry-run`: the most each stage can ask of the teacher, and what it can cost; no call made."""
+    from pipeline.estimate import estimate, format_estimate
+
+    spent = None
+    ledger_path = Path(cfg.runs_dir) / args.run_id / "ledger.sqlite" if args.run_id else None
+    if ledger_path is not None and ledger_path.exists():
+        from pipeline.teachers import Ledger
+
+        spent = Ledger.for_teacher(cfg.teacher, ledger_path).totals().cost_usd
+    print(format_estimate(cfg, estimate(cfg, "data" if args.data_only else "full"), spent))
     return 0
 
 
@@ -209,7 +226,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     cfg, records, data, out = load_inputs(args.run_id, args.runs_dir, args.data, args.profile, overrides, args.out)
     options = StudyOptions(questions=tuple(f"q{q.lstrip('qQ')}" for q in names(args.questions)),
                            methods=names(args.methods), targets=names(args.targets), layers=names(args.layers),
-                           cuts=tuple(c.strip() for c in args.cuts.split(";") if c.strip()), teacher=args.teacher)
+                           cuts=tuple(c.strip() for c in args.cuts.split(";") if c.strip()),
+                           cut_methods=names(args.cut_methods), teacher=args.teacher)
     command = "distill " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["study"] else "distill study"
     study = run_study(cfg, records, out, options, source={"data": str(data), "run_id": args.run_id,
                                                           "command": command, "overrides": overrides})
@@ -231,6 +249,24 @@ def cmd_teacher_server(args: argparse.Namespace) -> int:
     return run_teacher_server(args.model, args.port, n_threads=args.n_threads, n_ctx=args.n_ctx)
 
 
+def cmd_export_model(args: argparse.Namespace) -> int:
+    from pipeline.ship import export_gguf, resolve_export_source
+
+    model_dir, adapter, source, stem = resolve_export_source(Path(args.target), args.source_gguf, args.base)
+    out = Path(args.out or Path(args.target) / "export")
+    made = export_gguf(model_dir, adapter, source, out, args.quant or ["q8_0", "q4_k_m"], stem=stem)
+    for quant, path in made["paths"].items():
+        print(f"{quant:<8} {Path(path).stat().st_size / 2**20:8.1f} MB  {path}")
+    print(f"Serve one: distill teacher-server --model {next(iter(made['paths'].values()))}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.scale.train_launch import train_run
+
+    return train_run(Path(args.run_dir))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distill", description="Distil a teacher LLM into a small student through synthetic data.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -242,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set generate.target_instructions=20 (repeatable)")
     r.add_argument("--run-id", help="reuse this run id: resumes an unfinished run folder")
     r.add_argument("--data-only", action="store_true", help="generate and curate only")
+    r.add_argument("--dry-run", action="store_true",
+                   help="print the most teacher requests each stage can make, their worst-case tokens and dollars at the "
+                        "configured prices and the time at the measured rate, then stop before any teacher call")
+    r.add_argument("--allow-config-change", action="store_true",
+                   help="resume --run-id with a config that differs from the run's: the stages the changed keys feed, "
+                        "and those after them, run again (recorded in status.json)")
     r.set_defaults(func=cmd_run)
 
     d = sub.add_parser("dedupe", help="Alpaca's ROUGE-L near-duplicate filter over a JSONL/JSON/Parquet file")
@@ -277,6 +319,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--n-ctx", type=int, default=2048)
     t.set_defaults(func=cmd_teacher_server)
 
+    x = sub.add_parser("export-model", help="the student (adapter merged) as quantized GGUF files for llama.cpp/Ollama")
+    x.add_argument("target", help="a run folder (runs/<run-id>), runs/champion, an adapter folder or a model folder")
+    x.add_argument("--quant", action="append", metavar="TYPE",
+                   help="llama.cpp quantization, repeatable: q8_0, q4_k_m, q4_1, f16, f32, ... (default: q8_0 and q4_k_m)")
+    x.add_argument("--out", help="output folder (default: TARGET/export)")
+    x.add_argument("--source-gguf", help="the GGUF the student was cut from (default: the run's student.cut_from)")
+    x.add_argument("--base", help="the student an adapter folder was trained on (default: its adapter_config.json)")
+    x.set_defaults(func=cmd_export_model)
+
+    tr = sub.add_parser("train", help="train a run's student (after `distill run --data-only`); launch it with "
+                                      "torchrun or accelerate launch for N processes")
+    tr.add_argument("run_dir", help="the run folder, e.g. runs/<run-id>")
+    tr.set_defaults(func=cmd_train)
+
     a = sub.add_parser("ablate", help="logit-distillation ablation over T x alpha, and distillation methods per layer cut")
     a.add_argument("--run-id", help="use this run's accepted data and saved config")
     a.add_argument("--runs-dir", default="runs")
@@ -308,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key for every cell, e.g. --set train.max_steps=32 (repeatable)")
     st.add_argument("--budget", choices=["small", "profile"], default="small",
-                    help="small (default): a CPU-sized budget (train.max_steps=24, 40 eval items, 96 new tokens) "
+                    help="small (default): a CPU-sized budget (train.max_steps=16, 30 eval items, 64 new tokens) "
                          "under your --set keys; profile: the config's own settings")
     st.add_argument("--out", help="output folder (default: the run's study/, or ./study); rerun to resume")
     st.add_argument("--questions", default="1,2,3", help="which questions: 1 data, 2 placement, 3 cuts")
@@ -317,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--layers", default="early,middle,late", help="Q2: train.lora_layers values")
     st.add_argument("--cuts", default="middle:10", help="Q3: extra layer cuts separated by ';' (the student's own "
                                                         "cut is always a row), e.g. 'middle:10;20-29'")
+    st.add_argument("--cut-methods", default="sft,kd", help="Q3: methods trained on every cut, as for `distill ablate "
+                                                             "--methods` (e.g. sft,kd,on-policy,sft+hidden)")
     st.add_argument("--teacher", action=argparse.BooleanOptionalAction, default=True,
                     help="score the teacher too (the reference Q3's cuts are compared with)")
     st.set_defaults(func=cmd_study)

@@ -200,12 +200,12 @@ class TrainConfig(Strict):
     lora_layers: str = Field("all", description="Decoder layers LoRA wraps (peft layers_to_transform): all, early / middle / late (a third of the student's layers each), or a block 'a-b' (inclusive, student layer numbers).")
     epochs: float = Field(2.0, gt=0, description="Passes over the accepted data.")
     max_steps: int = Field(-1, description="Stop after this many optimiser steps (-1: use epochs).")
-    batch_size: int = Field(4, ge=1, description="Per-device batch size.")
+    batch_size: int = Field(4, ge=1, description="Examples per optimizer step (times grad_accum). On N training processes (torchrun, accelerate launch) each takes batch_size / N, so the effective batch stays batch_size x grad_accum.")
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
     learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
     max_length: int = Field(256, ge=16, description="Tokens per example after the chat template; longer ones are truncated (counted before training).")
     seed: int = Field(0, description="Training seed.")
-    mix_gold: int = Field(0, ge=0, description="Add this many gold Alpaca records to the generated data (0: pure distillation).")
+    mix_gold: int = Field(0, ge=0, description="Add this many records of the original data (evaluate.gold_train, decontaminated against the eval sets like curated data) to the generated data (0: pure distillation).")
     method: Literal["sft", "kd", "on-policy"] = Field("sft", description="sft: cross-entropy on the teacher's text; kd: Hinton logit distillation, kd_alpha * CE + (1 - kd_alpha) * T^2 * KL(teacher_T || student_T); on-policy: the student answers the instructions itself and the teacher scores every token (TRL's DistillationTrainer, generalized JSD).")
     finetune: Literal["lora", "full"] = Field("lora", description="lora: train a LoRA adapter; full: train every weight (small students only; saves the whole model).")
     kd_alpha: float = Field(0.5, ge=0, le=1, description="Weight of the cross-entropy term in the KD loss (1.0 = plain SFT).")
@@ -260,6 +260,9 @@ class EvaluateConfig(Strict):
     perplexity: bool = Field(True, description="Perplexity of the reference answers under each student (response tokens only).")
     gold_student: bool = Field(True, description="Also train the student on the original data (gold_train), same method, steps and number of examples as the distilled one, decontaminated like curated data, and evaluate it: does distillation beat simply training on the original data?")
     gold_train: Path = Field(DATA_DIR / "alpaca_gold_train.jsonl", description="The original data for the gold-trained student and train.mix_gold (Alpaca JSON/JSONL: instruction, input, output); the embedded default is Alpaca's train split.")
+    speed_runtime: Literal["auto", "llamacpp", "own"] = Field("auto", description="Where speed and size are measured. llamacpp: every contender as a GGUF in llama.cpp (students merged and exported at the teacher's quantization), same threads, prompts and answer length, so the columns compare like with like; own: each on its own runtime (teacher backend, students in transformers); auto: llamacpp when the teacher is an embedded GGUF, else own.")
+    speed_prompts: int = Field(3, ge=1, description="Eval prompts timed per contender for the llamacpp speed columns (a few suffice: the answer length is fixed).")
+    speed_new_tokens: int = Field(64, ge=8, description="Tokens each timed answer generates (end-of-turn ignored), the same for every contender.")
 
     @model_validator(mode="before")
     @classmethod
@@ -307,6 +310,7 @@ class RetrainConfig(Strict):
     timezone: str = Field("UTC", description="IANA timezone of the cron schedule, e.g. Europe/Berlin.")
     metric: str = Field("rouge_l", description="Per-item metric a challenger must beat the champion on: rouge_l or win_rate (judged runs). Promotion needs a paired 95% bootstrap interval of challenger - champion on the eval items both answered that excludes 0; no shared items, no promotion.")
     guards: dict[str, float] = Field(default_factory=lambda: {"tokens_per_s": 0.3}, description="Other metrics and the relative regression each may show (0.3 = 30% worse) before a promotion is refused; latency_s/perplexity count lower as better.")
+    champion_gguf: str | None = Field("teacher", description="Quantization of the GGUF put in <runs_dir>/champion/ beside the adapter, ready for llama.cpp, its server or Ollama (q8_0, q4_k_m, q4_1, f16, ...); 'teacher' = the teacher GGUF's own type (q8_0 when the teacher is not a GGUF); null = no GGUF.")
 
     @field_validator("cron")
     @classmethod
@@ -351,6 +355,51 @@ class RunConfig(Strict):
         """Stable hash of the resolved config (recorded in manifests)."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# Keys that change how a run spends or reaches its teacher, never what it produces: a resumed run may change them
+# (raising the budget to continue is the common case); the change is recorded in its status.
+OPERATIONAL_KEYS = ("name", "runs_dir", "scale.", "evaluate.batch_size", "train.check_memory", "retrain.cron",
+                    "retrain.timezone")
+OPERATIONAL_TEACHER_KEYS = ("base_url", "extra_base_urls", "api_key_env", "api_key_secret_block", "max_concurrency",
+                            "timeout_s", "max_retries", "malformed_backoff_s", "batch_poll_s", "batch_completion_window",
+                            "n_threads", "price_per_1m_input", "price_per_1m_output", "budget_usd", "budget_tokens")
+# The first stage each result key feeds (the stages after it consume its output): (key prefix, stage).
+STAGE_OF_KEY = (("evaluate.eval_set", "curate"), ("teacher.", "generate"), ("generate.", "generate"),
+                ("curate.", "curate"), ("student.", "train"), ("train.", "train"), ("evaluate.", "evaluate"),
+                ("retrain.", "report"))
+STAGE_ORDER = ("generate", "curate", "train", "evaluate", "report")
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+def is_operational(key: str) -> bool:
+    """True for a key that cannot change a run's outputs (see OPERATIONAL_KEYS)."""
+    if any(key == k or (k.endswith(".") and key.startswith(k)) for k in OPERATIONAL_KEYS):
+        return True
+    for section in ("teacher.", "evaluate.judge."):
+        if key.startswith(section) and key[len(section):] in OPERATIONAL_TEACHER_KEYS:
+            return True
+    return False
+
+
+def config_changes(old: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose resolved values differ between two configs: key -> (old, new)."""
+    a, b = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def first_stage_changed(keys: list[str]) -> str | None:
+    """The earliest stage whose inputs the given result keys change (None when none does)."""
+    stages = [next((stage for prefix, stage in STAGE_OF_KEY if k.startswith(prefix)), "generate") for k in keys]
+    return min(stages, key=STAGE_ORDER.index) if stages else None
 
 
 def profile_path(name: str) -> Path:

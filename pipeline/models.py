@@ -160,6 +160,7 @@ def _cut_into(gguf: Path, drop_layers: list[int] | str, out: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cached student is shared by every user of the cache
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)

@@ -12,6 +12,7 @@ place serving code can load from without knowing run ids.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 from dataclasses import asdict, dataclass, field
@@ -21,7 +22,7 @@ from typing import Any
 from pipeline.config import RetrainConfig
 from pipeline.errors import DistillError
 from pipeline.records import Record, now_iso
-from pipeline.store import Catalog, Run, atomic_dir, atomic_write_json, load_records
+from pipeline.store import Catalog, Run, atomic_swap_dir, atomic_write_json, load_records
 
 # Metrics where a smaller number is the better one; everything else counts higher as better.
 LOWER_IS_BETTER = {"latency_s", "perplexity", "loss", "params", "size_mb"}
@@ -127,7 +128,12 @@ def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, rule: Re
 def register_model(run: Run, curation: dict[str, Any], evaluation: dict[str, Any], headline: dict[str, Any]) -> str:
     """Record the run's distilled student in the catalog as a candidate; returns the model id."""
     model_id = f"{run.id}/distilled"
-    run.catalog.upsert("models", id=model_id, run_id=run.id, path=str(run.path("adapter").resolve()), role="candidate",
+    # What training saved: a LoRA adapter, or the whole model for train.finetune=full.
+    saved = run.path("model") if run.cfg.train.finetune == "full" else run.path("adapter")
+    known = run.catalog.rows("models", "WHERE id=?", (model_id,))
+    # A resumed run registers again: keep the role a finished promotion gave it.
+    role = known[0]["role"] if known else "candidate"
+    run.catalog.upsert("models", id=model_id, run_id=run.id, path=str(saved.resolve()), role=role,
                        dataset_id=curation.get("id"), metrics={**headline, **model_metrics(evaluation),
                                                                # per-item scores the promotion rule pairs on
                                                                "eval_outputs": str(run.path("eval", "outputs.jsonl").resolve())},
@@ -164,6 +170,11 @@ def promote(catalog: Catalog, model_id: str, rule: RetrainConfig) -> Decision:
         row = conn.execute("SELECT * FROM models WHERE id=?", (model_id,)).fetchone()
         if row is None:
             raise KeyError(f"model {model_id!r} is not in the catalog {catalog.path}; register it first")
+        done = conn.execute("SELECT details FROM decisions WHERE model_id=? ORDER BY created DESC, rowid DESC LIMIT 1",
+                            (model_id,)).fetchone()
+        if done is not None and row["role"] in ("champion", "challenger", "retired"):
+            conn.execute("ROLLBACK")  # decided before a kill: a resumed run does not decide twice
+            return Decision(**json.loads(done["details"]))
         current = conn.execute("SELECT * FROM models WHERE role='champion' AND id != ? ORDER BY created DESC LIMIT 1",
                                (model_id,)).fetchone()
         current = dict(current) if current else None
@@ -175,7 +186,10 @@ def promote(catalog: Catalog, model_id: str, rule: RetrainConfig) -> Decision:
                      (f"{model_id}@{now_iso()}", model_id, d.champion_id, int(d.promoted), d.reason, d.metric,
                       json.dumps(d.as_dict(), default=str), now_iso()))
         if d.promoted:
-            export_champion(catalog.path.parent, dict(row))
+            target = export_champion(catalog.path.parent, dict(row))
+            from pipeline.ship import ship_champion  # the champion as a GGUF too, ready to serve
+
+            ship_champion(target, Path(row["path"]).parent, rule.champion_gguf)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -187,15 +201,18 @@ def promote(catalog: Catalog, model_id: str, rule: RetrainConfig) -> Decision:
 
 
 def export_champion(runs_dir: Path, model: dict[str, Any]) -> Path:
-    """Copy the champion's adapter to <runs_dir>/champion/adapter and write champion.json (the stable alias)."""
+    """Copy the champion's adapter (or full model) to <runs_dir>/champion/ and write champion.json (the stable
+    alias). The swap is atomic (see atomic_swap_dir): a crash mid-promotion leaves the old champion or the new one."""
     target = Path(runs_dir) / "champion"
     run_dir = Path(model["path"]).parent
-    with atomic_dir(target) as tmp:
-        shutil.copytree(model["path"], tmp / "adapter")
+    kind = Path(model["path"]).name  # "adapter", or "model" for a full fine-tune
+    with atomic_swap_dir(target) as tmp:
+        shutil.copytree(model["path"], tmp / kind)
         if (run_dir / "config.yaml").exists():  # the student base the adapter belongs to
             shutil.copy2(run_dir / "config.yaml", tmp / "config.yaml")
-        atomic_write_json(tmp / "champion.json", {"model_id": model["id"], "run_id": model["run_id"],
-                                                  "adapter": str((target / "adapter").resolve()),
+        # The path through the stable alias, not resolved: the versioned folder behind it changes at each promotion.
+        atomic_write_json(tmp / "champion.json", {"model_id": model["id"], "run_id": model["run_id"], "kind": kind,
+                                                  kind: os.path.join(os.path.abspath(target), kind),
                                                   "source_adapter": model["path"], "dataset_id": model.get("dataset_id"),
                                                   "metrics": _metrics(model), "promoted": now_iso()})
     return target

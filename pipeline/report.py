@@ -51,7 +51,7 @@ def headline_rows(ev: dict[str, Any]) -> list[dict[str, Any]]:
             if e.get(m) is not None:
                 lo, hi = (e.get(f"{m}_ci") or [None, None])[:2]
                 row.update({m: _round(e[m], digits + 1), f"{m}_low": _round(lo, digits + 1), f"{m}_high": _round(hi, digits + 1)})
-        row.update(params_m=_round(e["params"] / 1e6, 1) if e.get("params") else None,
+        row.update(runtime=e.get("runtime"), params_m=_round(e["params"] / 1e6, 1) if e.get("params") else None,
                    disk_mb=_round(e["disk_bytes"] / 2**20, 1) if e.get("disk_bytes") else None,
                    tokens_per_s=_round(e.get("tokens_per_s"), 1), latency_s=_round(e.get("latency_s"), 2),
                    speed_vs_teacher=_round(e.get("speed_vs_teacher"), 2))
@@ -111,7 +111,8 @@ def contender_table(ev: dict[str, Any]) -> list[str]:
     for m, title, digits, _ in METRICS:
         if present(m):
             cols.append((f"{title} [95% CI]", lambda e, m=m, d=digits: _ci(e, m, d)))
-    extra = [("params", "params", lambda e: f"{e['params'] / 1e6:.1f} M" if e.get("params") else "–"),
+    extra = [("runtime", "runtime", lambda e: e.get("runtime") or "–"),
+             ("params", "params", lambda e: f"{e['params'] / 1e6:.1f} M" if e.get("params") else "–"),
              ("disk_bytes", "disk", lambda e: f"{e['disk_bytes'] / 2**20:.0f} MB" if e.get("disk_bytes") else "–"),
              ("tokens_per_s", "tokens/s", lambda e: _fmt(e.get("tokens_per_s"), 1)),
              ("latency_s", "s/answer", lambda e: _fmt(e.get("latency_s"), 2)),
@@ -205,6 +206,20 @@ def _cell(p: dict[str, Any] | None) -> str:
     return f"{p['mean']:+.3f} [{p['lo']:+.3f}, {p['hi']:+.3f}] {what}"
 
 
+def _speed_note(ev: dict[str, Any]) -> list[str]:
+    """How the speed and size columns were measured, so nobody compares two runtimes by mistake."""
+    rows = [ev[k] for k, _ in contenders(ev) if ev[k].get("tokens_per_s")]
+    if not rows:
+        return []
+    if all(r.get("speed_prompts") for r in rows):
+        r = rows[0]
+        return ["", f"Speed and size on one runtime: every row is a GGUF run by llama.cpp in this process "
+                    f"({r.get('n_threads')} threads), the students merged and quantized like the teacher; each answers "
+                    f"the same {r['speed_prompts']} eval prompts with exactly {r['speed_new_tokens']} greedy tokens. "
+                    f"tokens/s = decode speed, s/answer = prompt + {r['speed_new_tokens']} tokens, disk = the GGUF file."]
+    return ["", "Speed is measured on each row's own runtime (see the runtime column): compare rows on the same runtime only."]
+
+
 def evaluation_section(ev: dict[str, Any], plots: dict[str, str]) -> list[str]:
     """Headline table, notes, per-category breakdown and plots of one evaluation."""
     judge = (f" Judge: `{ev['judge']}`, each contender against the {ev.get('judge_baseline')} answer, both orders "
@@ -222,9 +237,7 @@ def evaluation_section(ev: dict[str, Any], plots: dict[str, str]) -> list[str]:
     if any(ev[k].get("perplexity") is not None for k, _ in contenders(ev)):
         lines += ["", "Reference perplexity: exp of the mean negative log-likelihood per token of the reference answers "
                       "(response tokens and end-of-turn only) under each student; lower is better."]
-    if ev.get("teacher", {}).get("tokens_per_s"):
-        lines += ["", "Teacher speed is its own backend (llama.cpp on a quantized GGUF when embedded); student speeds are "
-                      "transformers on this machine, batched: compare students with each other."]
+    lines += _speed_note(ev)
     cat = category_table(ev)
     if cat:
         lines += ["", "### Per category (ROUGE-L / win rate)", ""] + cat

@@ -198,6 +198,10 @@ def train_stage(run: Run) -> dict[str, Any]:
     summary = train(student_dir, accepted, cfg.train, run.dir, student=cfg.student)
     manifest = run.path("datasets", "curated", "manifest.json")
     summary["dataset"] = _read_json(manifest).get("id") if manifest.exists() else None
+    from pipeline.scale.distributed import is_main_process
+
+    if not is_main_process():  # under a multi-process launch only rank 0 writes the run's files
+        return summary
     atomic_write_json(summary_path, summary)
     log.info("train: %d examples, %d steps, loss %.3f -> %.3f, %s tokens/s", summary["examples"], summary["steps"],
              summary["first_loss"] or 0, summary["last_loss"] or 0, summary["tokens_per_s"])
@@ -293,6 +297,9 @@ def evaluate_stage(run: Run) -> dict[str, Any]:
     for name, (model_dir, adapter) in students.items():
         contenders[name] = student_answers(model_dir, items, ev.max_new_tokens, ev.batch_size, adapter_dir=adapter,
                                            label=name.replace("_", " "), cache_dir=cache_dir, perplexity=ev.perplexity)
+    from pipeline.evaluate.runtime import speed_on_one_runtime
+
+    speed_on_one_runtime(cfg, run.dir, contenders, students, items)  # speed and size of every row on one runtime
     # The judge spends from the run's budget too, at its own prices.
     judge_ledger = ledger.priced(ev.judge.price_per_1m_input, ev.judge.price_per_1m_output) if ev.judge else None
     judge = make_teacher(ev.judge, cache_dir / "teacher.sqlite", judge_ledger) if ev.judge else None
@@ -333,14 +340,14 @@ def _gold_note(gold: dict[str, Any]) -> dict[str, Any]:
 
 
 def report_stage(run: Run, generation: dict, curation: dict, training: dict, evaluation: dict) -> dict[str, Any]:
-    """report.md/json/png, then mark the run completed in its status and the catalog."""
+    """report.md/json/png, and the distilled student registered as a candidate. The run is not completed yet: the
+    flow marks it so only after the registry decided (a kill in between leaves a run that resumes)."""
     ledger = {k: v for k, v in run_ledger(run).as_dict().items() if k != "total"}  # every stage and resume
     results = {"run_id": run.id, "generation": generation, "curation": curation, "training": training,
                "evaluation": {k: v for k, v in evaluation.items() if k != "ledger"}, "ledger": ledger}
     path = write_report(run.dir, results)
     summary = {"report": str(path), **headline(results), "accepted": curation.get("accepted"),
                "rejected": curation.get("rejected")}
-    run.set_state("completed", summary=summary)
     from pipeline.registry import register_model  # a candidate until the registry decides champion/challenger
 
     summary["model_id"] = register_model(run, curation, evaluation, headline(results))

@@ -20,6 +20,11 @@ from pipeline.errors import DistillError
 from pipeline.records import Record, now_iso
 
 RECORD_COLUMNS = list(Record.model_fields)
+# What each stage leaves in a run folder (a stage with its outputs present is skipped on resume).
+STAGE_OUTPUTS = {"generate": ["generated.parquet", "generate.json"], "curate": ["datasets/curated"],
+                 "train": ["train.json", "adapter", "model", "merged", "checkpoints", "training_curves.png",
+                           "train_log.json"],
+                 "evaluate": ["eval", "gold"], "report": ["report.md", "report.json", "scores.png", "speed_quality.png"]}
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -56,6 +61,39 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_swap_dir(path: Path) -> Iterator[Path]:
+    """Build the next version of the folder `path` and switch to it in one atomic rename.
+
+    `path` is a symlink to a versioned sibling (`.<name>.v-<stamp>`); the switch replaces the symlink with
+    os.replace, so a reader or a crash at any moment finds the old version or the new one, never neither (a plain
+    folder cannot be replaced in one step: deleting it first opens a window). The previous version is kept for a
+    reader still loading from it; older ones are removed after the switch."""
+    path = Path(path)
+    parent = path.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}"
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield tmp
+        version = parent / f".{path.name}.v-{stamp}"
+        os.replace(tmp, version)
+        previous = os.readlink(path) if path.is_symlink() else None
+        link = parent / f".{path.name}.link-{stamp}"
+        os.symlink(version.name, link)  # relative: the runs folder can be moved or mounted elsewhere
+        if path.exists() and not path.is_symlink():
+            # A plain folder from before versioned swaps becomes a version itself; the symlink takes its place.
+            previous = f".{path.name}.v-0-legacy-{stamp}"
+            os.replace(path, parent / previous)
+        os.replace(link, path)
+        for old in parent.glob(f".{path.name}.v-*"):
+            if old.name not in (version.name, previous):
+                shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -160,18 +198,65 @@ class Run:
         self.catalog = Catalog(cfg.runs_dir)
 
     @classmethod
-    def create(cls, cfg: RunConfig, run_id: str | None = None) -> "Run":
-        """Start a run folder (or reopen an unfinished one with the same id, to resume it)."""
+    def create(cls, cfg: RunConfig, run_id: str | None = None, allow_config_change: bool = False) -> "Run":
+        """Start a run folder, or reopen an unfinished one with the same id to resume it.
+
+        A resumed run is the run it says it is: its saved config is compared with `cfg`, and a change to any key
+        that shapes its results is refused (naming the keys) unless `allow_config_change`, in which case the
+        outputs of the first stage those keys feed, and of every stage after it, are moved to superseded/ so they
+        run again; status.json records what changed and what re-ran."""
         run_id = run_id or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{cfg.name}"
         run = cls(Path(cfg.runs_dir) / run_id, cfg)
         status = run.status()
         if status.get("state") == "completed":
             raise DistillError(f"Run {run_id} already completed in {run.dir}; pick a new run id to run again "
                                f"(teacher replies are cached, so a re-run costs nothing).")
+        change = run._config_change(allow_config_change)
         run.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.dir / "config.yaml", dump_config(cfg))
-        run.set_state("running")
+        if change:
+            run.set_state("running", config_changes=[*status.get("config_changes", []), change])
+        else:
+            run.set_state("running")
         return run
+
+    def _config_change(self, allowed: bool) -> dict[str, Any] | None:
+        """Compare the saved config with this one; refuse, or move aside what must re-run. The record, or None."""
+        from pipeline.config import config_changes, first_stage_changed, is_operational, load_config
+
+        saved = self.dir / "config.yaml"
+        if not saved.exists():
+            return None
+        try:
+            old = load_config(config_file=saved)
+        except DistillError:  # written by an older distill whose keys no longer validate: compare as text only
+            old = None
+        diff = config_changes(old, self.cfg) if old is not None else (
+            {} if saved.read_text() == dump_config(self.cfg) else {"(config.yaml)": ("unreadable", "new")})
+        if not diff:
+            return None
+        results = [k for k in diff if not is_operational(k)]
+        shown = "; ".join(f"{k}: {diff[k][0]!r} -> {diff[k][1]!r}" for k in results[:12])
+        if results and not allowed:
+            raise DistillError(
+                f"Run {self.id} was started with another config ({len(results)} key(s) that shape its results "
+                f"differ: {shown}{'; ...' if len(results) > 12 else ''}). Resume it as it was (drop those --set "
+                f"overrides, or pass --config {saved}), start a new run id, or pass --allow-config-change to re-run "
+                f"{first_stage_changed(results)} and every stage after it with the new values.")
+        rerun: list[str] = []
+        if results:
+            from pipeline.config import STAGE_ORDER
+
+            first = first_stage_changed(results)
+            rerun = list(STAGE_ORDER[STAGE_ORDER.index(first):])
+            aside = self.dir / "superseded" / f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}"
+            for stage in rerun:
+                for name in STAGE_OUTPUTS[stage]:
+                    if (self.dir / name).exists():
+                        (aside / name).parent.mkdir(parents=True, exist_ok=True)
+                        os.replace(self.dir / name, aside / name)
+        return {"at": now_iso(), "keys": {k: list(v) for k, v in diff.items()}, "result_keys": results,
+                "reran": rerun}
 
     @classmethod
     def open(cls, run_dir: str | Path) -> "Run":

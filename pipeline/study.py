@@ -23,7 +23,7 @@ import logging
 import shutil
 import time
 import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,10 +40,11 @@ QUESTIONS = {
     "q3": "What can be removed?",
 }
 
-# The default budget: small enough that the default grid (13 trained cells) finishes in under an hour on 2 CPU
-# cores with the embedded default (README, `distill study`). A key given with --set wins; --budget profile keeps
-# the profile's own settings instead.
-SMALL_BUDGET = ("train.max_steps=24", "evaluate.limit=40", "evaluate.max_new_tokens=96")
+# The default budget: small enough that the default grid (11 trained cells, 3 scored untrained) finishes in about
+# an hour on a share of 2 busy CPU cores with the embedded default (README, `distill study`): 16 steps of 4
+# examples per cell, 30 eval items answered in one batch. A key given with --set wins; --budget profile keeps the
+# profile's own settings instead.
+SMALL_BUDGET = ("train.max_steps=16", "evaluate.limit=30", "evaluate.max_new_tokens=64", "evaluate.batch_size=30")
 
 
 @dataclass
@@ -55,6 +56,7 @@ class StudyOptions:
     targets: tuple[str, ...] = ("attention", "mlp", "all-linear")
     layers: tuple[str, ...] = ("early", "middle", "late")
     cuts: tuple[str, ...] = ("middle:10",)
+    cut_methods: tuple[str, ...] = ("sft", "kd")  # Q3 contenders, as `distill ablate --methods` takes them
     teacher: bool = True
 
 
@@ -104,35 +106,37 @@ def plan_cells(options: StudyOptions) -> list[Cell]:
                               ("train.lora_target=all-linear", f"train.lora_layers={layers}"), group="layers"))
     if "q3" in options.questions:
         # The configured student's own row of the cut table (the same cells as Q1's when Q1 runs too).
-        for m in ("sft", "kd"):
-            cells.append(Cell("q3", f"distilled {m}", "distilled", (f"train.method={m}",), group=m))
+        for spec in options.cut_methods:
+            method, _, extra = spec.partition("+")
+            hidden = ("train.hidden_loss_weight=1.0",) if extra == "hidden" else ()
+            cells.append(Cell("q3", f"distilled {spec}", "distilled", (f"train.method={method}", *hidden), group=spec))
     return cells
 
 
 # --- data ------------------------------------------------------------------------------------------------
 
-def decontaminate(records: list[Record], eval_texts: list[str], cfg: RunConfig) -> tuple[list[Record], int]:
-    """Records whose instruction+input does not overlap the eval set (curate's n-gram rule); and how many went."""
+def decontaminate(records: list[Record], cfg: RunConfig) -> tuple[list[Record], int]:
+    """Records whose instruction+input overlaps no item of any eval set (curate's n-gram rule); and how many went."""
     from pipeline.curate.decontaminate import EvalOverlap
+    from pipeline.stages import eval_texts
 
-    overlap = EvalOverlap(eval_texts, cfg.curate.decontaminate_ngram, cfg.curate.decontaminate_threshold)
+    overlap = EvalOverlap(eval_texts(cfg), cfg.curate.decontaminate_ngram, cfg.curate.decontaminate_threshold)
     kept = [r for r in records if not overlap.is_contaminated(f"{r.instruction} {r.input}")]
     return kept, len(records) - len(kept)
 
 
-def gold_like(distilled: list[Record], eval_texts: list[str], cfg: RunConfig) -> tuple[list[Record], dict[str, Any]]:
-    """As many gold records as there are distilled ones, decontaminated like them.
+def gold_like(distilled: list[Record], cfg: RunConfig) -> tuple[list[Record], dict[str, Any]]:
+    """As many records of the original data (evaluate.gold_train) as there are distilled ones, decontaminated by
+    the gold student's own rule (pipeline.stages.gold_records).
 
-    Where a distilled instruction comes from the gold set (a teacher that answered gold instructions), its gold
-    twin is used, so the two students see the same prompts and differ only in who wrote the answers; the rest is
-    filled with the first unused gold records."""
-    from pipeline import DATA_DIR
+    Where a distilled instruction comes from the original data (a teacher that answered its instructions), its
+    original twin is used, so the two students see the same prompts and differ only in who wrote the answers; the
+    rest is filled with the first unused clean records."""
     from pipeline.curate.filters import normalise
+    from pipeline.stages import gold_records
 
-    rows = [json.loads(line) for line in (DATA_DIR / "alpaca_gold_train.jsonl").read_text().splitlines() if line.strip()]
-    pool = [Record(instruction=r["instruction"], input=r.get("input", ""), output=r["output"], source="gold",
-                   status="accepted") for r in rows]
-    pool, dropped = decontaminate(pool, eval_texts, cfg)
+    pool, contaminated = gold_records(10 ** 9, cfg)  # every clean record, in file order
+    dropped = len(contaminated)
     by_prompt = {normalise(f"{r.instruction} {r.input}"): r for r in reversed(pool)}
     twins = [by_prompt.get(normalise(f"{r.instruction} {r.input}")) for r in distilled]
     chosen = [t for t in twins if t is not None]
@@ -140,8 +144,9 @@ def gold_like(distilled: list[Record], eval_texts: list[str], cfg: RunConfig) ->
     fill = [r for r in pool if r.id not in taken][:len(distilled) - len(chosen)]
     gold = chosen + fill
     if len(gold) < len(distilled):
-        raise ConfigError(f"The study needs {len(distilled)} gold records (as many as distilled ones) and the gold "
-                          f"set has only {len(gold)} after decontamination. Train on fewer records.")
+        raise ConfigError(f"The study needs {len(distilled)} gold records (as many as distilled ones) and "
+                          f"{cfg.evaluate.gold_train} has only {len(gold)} after decontamination. Train on fewer records "
+                          f"or point evaluate.gold_train at a larger file.")
     return gold, {"records": len(gold), "same_instruction_as_distilled": len(chosen),
                   "gold_pool_contaminated": dropped}
 
@@ -150,12 +155,11 @@ def _fingerprint(records: list[Record]) -> str:
     return hashlib.sha256("\n".join(r.id for r in records).encode()).hexdigest()[:16]
 
 
-def cell_key(cell: Cell, cfg: RunConfig, data_fp: dict[str, str]) -> str:
+def cell_key(cell: Cell, cfg: RunConfig, data_fp: dict[str, str], items_fp: str) -> str:
     """A hash of everything that decides the cell's result; two cells with the same key are the same experiment."""
     # Settings left at their defaults are left out, so a key added to the config later (with a default that keeps
-    # the old behaviour) does not orphan the cells a study already saved.
-    ev = cfg.evaluate.model_dump(mode="json", exclude_defaults=True, exclude={
-        "bootstrap_samples", "judge", "judge_baseline", "perplexity", "gold_student"})
+    # the old behaviour) does not orphan the cells a study already saved. The eval part is the items themselves.
+    ev = {"items": items_fp, "max_new_tokens": cfg.evaluate.max_new_tokens, "batch_size": cfg.evaluate.batch_size}
     parts: dict[str, Any] = {"data": cell.data, "evaluate": ev}
     if cell.data == "teacher":
         parts["teacher"] = cfg.teacher.model_dump(mode="json", include={"backend", "model", "base_url"})
@@ -199,13 +203,9 @@ def _answers(cell: Cell, cfg: RunConfig, records: list[Record], items, cell_dir:
     student_dir = resolve_student(cfg.student.source, cfg.student.drop_layers, cfg.student.cut_from)
     model_dir, adapter, info = student_dir, None, {}
     if cell.data in ("distilled", "gold"):
-        from pipeline.train.sft import train_lora
+        from pipeline.train import train
 
-        teacher_dir = None
-        if cfg.train.method == "kd" and cfg.train.kd_source == "model" and cfg.train.kd_alpha < 1.0:
-            teacher_dir = resolve_student(cfg.train.kd_teacher or "embedded-cut", [], cfg.student.cut_from)
-        summary = train_lora(student_dir, records, cfg.train, cell_dir, teacher_dir=teacher_dir,
-                             chat_template=cfg.student.chat_template)
+        summary = train(student_dir, records, cfg.train, cell_dir, student=cfg.student)
         if cfg.train.finetune == "full":
             model_dir = Path(summary["model"])
         else:
@@ -261,22 +261,24 @@ def make_plan(cfg: RunConfig, records: list[Record], options: StudyOptions) -> P
     """Decontaminate the data, pick the gold twin set, resolve every cell's config (a bad override fails here)."""
     from pipeline.evaluate import load_eval_set
 
-    items = load_eval_set(cfg.evaluate.eval_set, cfg.evaluate.limit)
-    # Decontaminated against the whole eval set, not only the evaluated slice (as curate does).
-    eval_texts = [f"{e.instruction} {e.input}" for e in load_eval_set(cfg.evaluate.eval_set)]
-    distilled, contaminated = decontaminate(records, eval_texts, cfg)
+    primary = cfg.evaluate.eval_sets[0]
+    items = load_eval_set(primary.path, cfg.evaluate.set_limit(primary))
+    # Training data is decontaminated against every item of every eval set, not only the evaluated slice.
+    distilled, contaminated = decontaminate(records, cfg)
     if not distilled:
-        raise ConfigError("No training records left after decontamination against the eval set; "
-                          "check --data and evaluate.eval_set.")
+        raise ConfigError("No training records left after decontamination against the eval sets; "
+                          "check --data and evaluate.eval_sets.")
     data: dict[str, list[Record]] = {"distilled": distilled}
     data_info: dict[str, Any] = {"distilled": {"records": len(distilled), "contaminated_dropped": contaminated}}
     if "q1" in options.questions:
-        data["gold"], data_info["gold"] = gold_like(distilled, eval_texts, cfg)
+        data["gold"], data_info["gold"] = gold_like(distilled, cfg)
     cells = plan_cells(options)
     fp = {k: _fingerprint(v) for k, v in data.items()}
     data_info["fingerprints"] = fp
     resolved = {c: with_overrides(cfg, list(c.overrides), source=f"study cell {c.label!r}") for c in cells}
-    keys = {c: cell_key(c, resolved[c], fp) for c in cells}
+    items_fp = hashlib.sha256(json.dumps([[it.id, it.instruction, it.input, it.reference] for it in items]).encode()
+                              ).hexdigest()[:16]
+    keys = {c: cell_key(c, resolved[c], fp, items_fp) for c in cells}
     base_cut = _base_cut(cfg) if "q3" in options.questions else None
     # The configured student's own cut is already in the plan (raw student, distilled sft/kd).
     cuts = [c for c in options.cuts if "q3" in options.questions and not _same_cut(c, base_cut, cfg)]
@@ -308,12 +310,13 @@ def run_study(cfg: RunConfig, records: list[Record], out_dir: Path, options: Stu
             log.info("study: %s ROUGE-L %.4f%s", c.label, results[k]["rouge_l"], " (saved)" if was_saved else "")
         cut_rows = []
         for cut in plan.cuts:
-            cut_rows.append(_cut_row(cfg, plan.data["distilled"], out_dir, cut, plan.data_info["fingerprints"]["distilled"]))
+            cut_rows.append(_cut_row(cfg, plan.data["distilled"], out_dir, cut, options.cut_methods))
             bar.update()
     study = {
         "source": source or {}, "questions": {q: QUESTIONS[q] for q in options.questions},
         "options": asdict(options), "config_yaml": dump_config(cfg), "config_fingerprint": cfg.fingerprint(),
-        "data": plan.data_info, "eval": {"set": str(cfg.evaluate.eval_set), "items": len(plan.items),
+        "data": plan.data_info, "eval": {"set": cfg.evaluate.eval_sets[0].name, "path": str(cfg.evaluate.eval_set),
+                                         "items": len(plan.items),
                                          "max_new_tokens": cfg.evaluate.max_new_tokens},
         "budget": {"max_steps": cfg.train.max_steps, "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size,
                    "grad_accum": cfg.train.grad_accum, "max_length": cfg.train.max_length},
@@ -348,21 +351,16 @@ def _same_cut(a: str, b: str | None, cfg: RunConfig) -> bool:
     return parse_layer_spec(a, n) == parse_layer_spec(b, n)
 
 
-def _cut_row(cfg: RunConfig, distilled: list[Record], out_dir: Path, cut: str, data_fp: str) -> dict[str, Any]:
-    """One row of the cut-depth table, through pipeline.train.ablation.cut_depth (its cells resume too)."""
+def _cut_row(cfg: RunConfig, distilled: list[Record], out_dir: Path, cut: str, methods: tuple[str, ...]
+             ) -> dict[str, Any]:
+    """One row of the cut-depth table through pipeline.train.ablation.cut_depth (its cells are saved and resumed)."""
     from pipeline.train.ablation import cut_depth
 
-    # cut_depth names its cells by cut only, so its folder carries a hash of the settings that decide them.
-    setting = json.dumps([data_fp, cfg.train.model_dump(mode="json", exclude_defaults=True,
-                                                        exclude={"merge", "check_memory", "method"}),
-                          cfg.evaluate.model_dump(mode="json", include={"eval_set", "limit", "max_new_tokens"}),
-                          cfg.student.cut_from], sort_keys=True, default=str)
-    folder = out_dir / "cuts" / hashlib.sha256(setting.encode()).hexdigest()[:12]
-    rows = cut_depth(cfg, distilled, folder, [cut], alpha=cfg.train.kd_alpha, temperature=cfg.train.kd_temperature)
-    by = {r["contender"]: r for r in rows}  # one row per contender: raw, sft, kd
-    row = {k: v for m in ("raw", "sft", "kd") for k, v in ((m, by[m]["rouge_l"]), (f"{m}_ci", by[m].get("rouge_l_ci")),
-                                                          (f"{m}_per_item", by[m].get("per_item")))}
-    return {**row, "cut": cut, "layers_left": _layers_left(cut, cfg)}
+    rows = cut_depth(cfg, distilled, out_dir / "cuts", [cut], alpha=cfg.train.kd_alpha,
+                     temperature=cfg.train.kd_temperature, methods=methods)
+    keep = ("rouge_l", "rouge_l_ci", "item_ids", "per_item")
+    return {"cut": cut, "layers_left": _layers_left(cut, cfg),
+            "contenders": {r["contender"]: {k: r.get(k) for k in keep} for r in rows}}
 
 
 # --- analysis (pure: saved cell results in, tables and paired comparisons out) ------------------------------
@@ -425,35 +423,29 @@ def analyse(study: dict[str, Any]) -> dict[str, Any]:
                                        "trainable_params": ref["info"].get("trainable_params")}, "rows": rows}
 
     if "q3" in study["questions"]:
-        rows = []
-        base = study["student"].get("base_cut")
+        methods = list(study["options"].get("cut_methods") or ("sft", "kd"))
         entries = list(study.get("cuts", []))
-        if base is not None and "distilled sft" in by_label and "distilled kd" in by_label:
-            # The configured student is itself a cut: its row is Q1's raw, SFT and KD cells (trained identically).
+        base = study["student"].get("base_cut")
+        if base is not None and all(f"distilled {m}" in by_label for m in methods):
+            # The configured student is itself a cut: its row is the raw student and Q1's cells (trained identically).
             entries.insert(0, {"cut": base, "layers_left": study["student"].get("layers_left"), "from_q1": True,
-                               **{k: by_label[lab]["rouge_l"] for k, lab in
-                                  (("raw", "raw student"), ("sft", "distilled sft"), ("kd", "distilled kd"))},
-                               **{f"{k}_ci": by_label[lab]["rouge_l_ci"] for k, lab in
-                                  (("raw", "raw student"), ("sft", "distilled sft"), ("kd", "distilled kd"))},
-                               **{f"{k}_per_item": by_label[lab]["per_item"] for k, lab in
-                                  (("raw", "raw student"), ("sft", "distilled sft"), ("kd", "distilled kd"))}})
-        ids = raw["item_ids"] if raw else None
+                               "contenders": {"raw": raw, **{m: by_label[f"distilled {m}"] for m in methods}}})
+        rows = []
         for e in entries:
-            cell = {m: {"item_ids": ids, "per_item": e.get(f"{m}_per_item"), "rouge_l": e[m]}
-                    for m in ("raw", "sft", "kd")}
-            if any(c["per_item"] is None for c in cell.values()):
-                raise ValueError(f"Cut {e['cut']}: the saved cut-depth cells have no per-item scores; delete "
-                                 f"the study's cuts/ folder so they are scored again.")
+            c = {k: {**v, "label": f"{k} {e['cut']}"} for k, v in e["contenders"].items()}
+            missing = [m for m in ["raw", *methods] if m not in c or c[m].get("per_item") is None]
+            if missing:
+                raise ValueError(f"Cut {e['cut']}: no per-item scores saved for {missing}; delete the study's cuts/ "
+                                 f"folder so they are scored again.")
             row = {"cut": e["cut"], "layers_left": e.get("layers_left"), "from_q1": bool(e.get("from_q1")),
-                   **{m: {"rouge_l": e[m], "rouge_l_ci": e.get(f"{m}_ci")} for m in ("raw", "sft", "kd")},
-                   "kd_vs_sft": _compare(cell["kd"], cell["sft"], (f"KD {e['cut']}", f"SFT {e['cut']}"), n),
-                   "sft_vs_raw": _compare(cell["sft"], cell["raw"], (f"SFT {e['cut']}", f"raw {e['cut']}"), n),
-                   "kd_vs_raw": _compare(cell["kd"], cell["raw"], (f"KD {e['cut']}", f"raw {e['cut']}"), n)}
-            if teacher:
-                for m in ("sft", "kd"):
-                    row[f"{m}_vs_teacher"] = _compare(cell[m], teacher, (f"{m.upper()} {e['cut']}", "teacher"), n)
+                   "scores": {m: _score(c[m]) for m in ["raw", *methods]},
+                   "vs_raw": {m: _compare(c[m], c["raw"], (c[m]["label"], c["raw"]["label"]), n) for m in methods},
+                   "vs_sft": {m: _compare(c[m], c["sft"], (c[m]["label"], c["sft"]["label"]), n)
+                              for m in methods if m != "sft" and "sft" in c},
+                   "vs_teacher": {m: _compare(c[m], teacher, (c[m]["label"], "teacher"), n) for m in methods}
+                   if teacher else {}}
             rows.append(row)
-        out["q3"] = {"rows": rows}
+        out["q3"] = {"methods": methods, "rows": rows}
     out["answers"] = _answers_in_words(out)
     return out
 
@@ -477,13 +469,15 @@ def _answers_in_words(f: dict[str, Any]) -> dict[str, str]:
                             "no placement is better than all-linear on all layers."))
     if f.get("q3", {}).get("rows"):
         rows = f["q3"]["rows"]
-        kept = [r["cut"] for r in rows if any(r.get(f"{m}_vs_teacher", {}).get("verdict") in ("better", "not distinguishable")
-                                              for m in ("sft", "kd"))]
-        kd_wins = [r["cut"] for r in rows if r["kd_vs_sft"]["verdict"] == "better"]
-        sft_wins = [r["cut"] for r in rows if r["kd_vs_sft"]["verdict"] == "worse"]
-        answers["q3"] = ((f"cuts whose trained student is not worse than the teacher: {', '.join(kept)}"
+        kept = [r["cut"] for r in rows if any(v["verdict"] != "worse" for v in r["vs_teacher"].values())]
+        wins = {m: [r["cut"] for r in rows if r["vs_sft"].get(m, {}).get("verdict") == "better"]
+                for m in f["q3"]["methods"] if m != "sft"}
+        losses = {m: [r["cut"] for r in rows if r["vs_sft"].get(m, {}).get("verdict") == "worse"]
+                  for m in f["q3"]["methods"] if m != "sft"}
+        answers["q3"] = ((f"cuts whose trained student is not worse than the teacher: {', '.join(map(str, kept))}"
                           if kept else "every cut student is worse than the teacher at this budget")
-                         + f"; KD beats SFT at: {', '.join(kd_wins) or 'none'}; SFT beats KD at: {', '.join(sft_wins) or 'none'}.")
+                         + "".join(f"; {m} beats SFT at: {', '.join(map(str, wins[m])) or 'none'}, "
+                                   f"loses to it at: {', '.join(map(str, losses[m])) or 'none'}" for m in wins) + ".")
     return answers
 
 
@@ -558,17 +552,24 @@ def render_markdown(study: dict[str, Any]) -> str:
             lines += ["", "![Q2](q2_placement.png)", ""]
 
     if "q3" in f:
-        k = study["kd"]
+        k, methods = study["kd"], f["q3"]["methods"]
+        others = [m for m in methods if m != "sft"]
         lines += [f"## Q3. {QUESTIONS['q3']}", "",
-                  f"Students cut from the teacher, each trained on the distilled records with SFT and with KD (alpha "
-                  f"{k['alpha']:g}, T {k['temperature']:g}), through `pipeline.train.ablation.cut_depth`.", "",
-                  "| layers dropped | layers left | raw | SFT | KD | KD − SFT | SFT − teacher | KD − teacher |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  f"Students cut from the teacher, each trained on the distilled records by each method (KD: alpha "
+                  f"{k['alpha']:g}, T {k['temperature']:g}) through `pipeline.train.ablation.cut_depth`; every trained "
+                  f"student is compared with the teacher on the same items.", "",
+                  "| layers dropped | layers left | raw | " + " | ".join(m.upper() for m in methods) + " | "
+                  + " | ".join(f"{m.upper()} − SFT" for m in others if "sft" in methods) + " | "
+                  + " | ".join(f"{m.upper()} − teacher" for m in methods) + " |"]
+        ncols = 3 + len(methods) + (len(others) if "sft" in methods else 0) + len(methods)
+        lines.append("|" + " --- |" * ncols)
         for r in f["q3"]["rows"]:
             left = r["layers_left"] if r.get("layers_left") is not None else "–"
-            lines.append(f"| {r['cut']}{' (the student)' if r['from_q1'] else ''} | {left} | {_ci(r['raw'])} | "
-                         f"{_ci(r['sft'])} | {_ci(r['kd'])} | {_diff(r['kd_vs_sft'])} | {_diff(r.get('sft_vs_teacher'))} "
-                         f"| {_diff(r.get('kd_vs_teacher'))} |")
+            cells = [f"{r['cut']}{' (the student)' if r['from_q1'] else ''}", str(left), _ci(r["scores"]["raw"])]
+            cells += [_ci(r["scores"][m]) for m in methods]
+            cells += [_diff(r["vs_sft"].get(m)) for m in others if "sft" in methods]
+            cells += [_diff(r["vs_teacher"].get(m)) for m in methods]
+            lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "![Q3](q3_cuts.png)", ""]
 
     lines += ["## Cells", "", "| cell | data | overrides | ROUGE-L | steps | last loss | seconds |", "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -674,19 +675,19 @@ def _plot_q2(path: Path, f: dict[str, Any]) -> None:
 
 def _plot_q3(path: Path, f: dict[str, Any]) -> None:
     plt = _pyplot()
-    rows = f["q3"]["rows"]
+    rows, methods = f["q3"]["rows"], ["raw", *f["q3"]["methods"]]
     fig, ax = plt.subplots(figsize=(7, 3.8))
-    x = range(len(rows))
-    for m, colour, off in (("raw", "tab:grey", -0.25), ("sft", "tab:blue", 0.0), ("kd", "tab:purple", 0.25)):
-        means = [r[m]["rouge_l"] for r in rows]
-        cis = [r[m]["rouge_l_ci"] or [r[m]["rouge_l"]] * 2 for r in rows]
-        ax.errorbar([i + off for i in x], means, yerr=[[mu - c[0] for mu, c in zip(means, cis)],
-                                                       [c[1] - mu for mu, c in zip(means, cis)]],
-                    fmt="o", capsize=3, color=colour, label=m.upper() if m != "raw" else "raw (untrained cut)")
+    width = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(rows))]
+        means = [r["scores"][m]["rouge_l"] for r in rows]
+        cis = [r["scores"][m]["rouge_l_ci"] or [mu, mu] for r, mu in zip(rows, means)]
+        ax.errorbar(xs, means, yerr=[[mu - c[0] for mu, c in zip(means, cis)], [c[1] - mu for mu, c in zip(means, cis)]],
+                    fmt="o", capsize=3, label="raw (untrained cut)" if m == "raw" else m.upper())
     if f.get("teacher"):
         ax.axhline(f["teacher"]["rouge_l"], color="black", linestyle=":", label="teacher")
-    ax.set_xticks(list(x), [f"{r['cut']}\n({r['layers_left']} left)" if r.get("layers_left") else str(r["cut"])
-                            for r in rows], fontsize=8)
+    ax.set_xticks(range(len(rows)), [f"{r['cut']}\n({r['layers_left']} left)" if r.get("layers_left") else str(r["cut"])
+                                     for r in rows], fontsize=8)
     ax.set(xlabel="layers dropped", ylabel="ROUGE-L (95% CI)", title="Q3: how far can the cut go?")
     ax.legend(fontsize=7)
     fig.tight_layout()

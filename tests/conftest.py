@@ -55,7 +55,8 @@ def fast_overrides(runs_dir: Path, base_url: str | None = None) -> list[str]:
     o = [f"runs_dir={runs_dir}", "generate.target_instructions=6", "generate.max_prompts=4",
          "generate.prompts_per_round=2", "generate.response_max_tokens=64", f"student.drop_layers={TINY_STUDENT_DROP}",
          "train.max_steps=2", "train.batch_size=2", "train.max_length=128", "evaluate.limit=3",
-         "evaluate.max_new_tokens=16", "evaluate.bootstrap_samples=100"]
+         "evaluate.max_new_tokens=16", "evaluate.bootstrap_samples=100",
+         "retrain.champion_gguf=null"]  # GGUF export of the champion has its own tests (tests/test_ship.py)
     if base_url:
         o += ["teacher.backend=openai", f"teacher.base_url={base_url}", "teacher.model=fake-teacher",
               "teacher.max_retries=2", "teacher.timeout_s=5"]

@@ -39,7 +39,21 @@ class RayHead:
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rayh-", dir="/tmp"))
         self.log_path = self.temp_dir / "ray-start.log"
 
-    def start(self) -> "RayHead":
+    def start(self, attempts: int = 3) -> "RayHead":
+        """Start the head; on a busy box Ray gives its raylet a fixed 30 s to register, so retry a failed start."""
+        for attempt in range(attempts):
+            try:
+                return self._start_once()
+            except RuntimeError:
+                if attempt == attempts - 1:
+                    raise
+                self.port = free_port()
+                self.address = f"127.0.0.1:{self.port}"
+                self.temp_dir = Path(tempfile.mkdtemp(prefix="rayh-", dir="/tmp"))
+                self.log_path = self.temp_dir / "ray-start.log"
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> "RayHead":
         ray_cli = Path(sys.executable).with_name("ray")
         cmd = [str(ray_cli), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.port}",
                f"--num-cpus={self.num_cpus}", "--include-dashboard=false", "--disable-usage-stats",
@@ -50,7 +64,10 @@ class RayHead:
                f"--metrics-export-port={free_port()}"]
         # Workers import `pipeline` (the shard task) from this checkout, like nodes with the package installed.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-               "RAY_USAGE_STATS_ENABLED": "0", **self.env}
+               "RAY_USAGE_STATS_ENABLED": "0",
+               # Ray turns token authentication on when ~/.ray/auth_token exists (left by any earlier Ray on the box),
+               # and a driver without RAY_AUTH_MODE=token is then refused: this loopback head runs without it.
+               "RAY_AUTH_MODE": "disabled", **self.env}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         deadline = time.monotonic() + self.start_timeout_s

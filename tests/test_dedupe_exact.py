@@ -8,19 +8,14 @@ rouge_score's tokenizer, score the new instruction with `rouge_scorer._score_lcs
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from rouge_score import rouge_scorer
 
-from pipeline.curate.dedupe import NearDuplicateIndex
-from pipeline.curate.fastdedupe import dedupe_texts, max_rouge_to, rouge_token_list
-from pipeline.curate.synthetic import near_duplicate_of, synthetic_instructions
-
-ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_5000.json"
+from pipeline.curate.fastdedupe import NearDuplicateIndex, dedupe_texts, max_rouge_to, rouge_l, rouge_token_list
+from pipeline.curate.synthetic import alpaca_records, near_duplicate_of, synthetic_instructions
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
 
@@ -49,7 +44,7 @@ def alpaca_loop(texts: list[str], seeds: list[str], threshold: float = 0.7, bag_
     return decisions
 
 
-def pure_python_index(texts: list[str], seeds: list[str], threshold: float = 0.7) -> list[bool]:
+def incremental_index(texts: list[str], seeds: list[str], threshold: float = 0.7) -> list[bool]:
     index = NearDuplicateIndex(threshold, vocabulary_hint=seeds + texts)
     for s in seeds:
         index.add(s)
@@ -58,9 +53,7 @@ def pure_python_index(texts: list[str], seeds: list[str], threshold: float = 0.7
 
 @pytest.fixture(scope="module")
 def alpaca_instructions() -> list[str]:
-    if not ALPACA.exists():
-        pytest.skip(f"{ALPACA} not found")
-    return [r["instruction"] for r in json.loads(ALPACA.read_text())]
+    return [r["instruction"] for r in alpaca_records()]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +74,7 @@ def test_compiled_index_matches_alpaca_loop_on_2000(planted_2000):
     fast = dedupe_texts(texts, seeds)
     assert list(fast.kept[len(seeds):]) == reference
     assert list(fast.kept[:len(seeds)]) == [True] * len(seeds)
-    assert pure_python_index(texts, seeds) == reference
+    assert incremental_index(texts, seeds) == reference
     assert reference.count(False) > 300  # the planted near-duplicates really are there to catch
 
 
@@ -137,7 +130,7 @@ def test_scores_exactly_at_the_threshold():
     for kept, candidate in cases:
         expected = rouge_scorer._score_lcs(rouge_token_list(candidate), rouge_token_list(kept)).fmeasure <= 0.7
         assert bool(dedupe_texts([candidate], [kept]).kept[1]) == expected
-        assert pure_python_index([candidate], [kept]) == [expected]
+        assert incremental_index([candidate], [kept]) == [expected]
 
 
 @pytest.mark.parametrize("text", [
@@ -174,3 +167,28 @@ def test_max_rouge_to_refs(alpaca_instructions):
     for t, b in zip(texts, best):
         assert b == max(rouge_scorer._score_lcs(rouge_token_list(t), rouge_token_list(r)).fmeasure for r in refs)
     assert best[-1] == 1.0
+
+
+def test_incremental_index_matches_alpaca_loop_across_rebuilds(alpaca_instructions):
+    # The generation loop's index adds texts one at a time; with a short tail its frozen part is rebuilt many
+    # times over 400 texts, and every decision, nearest text and score must stay Alpaca's.
+    seeds = alpaca_instructions[:50]
+    texts, _ = synthetic_instructions(alpaca_instructions[50:], 400, dup_fraction=0.3, seed=4)
+    index = NearDuplicateIndex(0.7, vocabulary_hint=seeds[:10], min_tail=16)  # most tokens arrive after the hint
+    for s in seeds:
+        index.add(s)
+    verdicts = [index.check_and_add(t) for t in texts]
+    assert [v.kept for v in verdicts] == alpaca_loop(texts, seeds, bag_bound=True)
+    whole = dedupe_texts(texts, seeds)
+    for j, v in enumerate(verdicts):
+        if not v.kept:
+            assert index.texts[v.nearest] == (seeds + texts)[whole.nearest[len(seeds) + j]]
+            assert v.score == whole.score[len(seeds) + j]
+
+
+def test_rouge_l_is_rouge_scores():
+    pairs = [("Give three tips for staying healthy.", "Give me three tips for staying healthy!"),
+             ("a b c d e f", "f e d c b a"), ("", "anything"), ("word " * 80, "word " * 70 + "other")]
+    for a, b in pairs:
+        expected = rouge_scorer._score_lcs(rouge_token_list(a), rouge_token_list(b)).fmeasure if a.strip() else 0.0
+        assert rouge_l(a, b) == expected

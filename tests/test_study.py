@@ -33,22 +33,24 @@ def cell(label: str, shift: float, noise: float = 0.0, steps: int | None = 8) ->
                                                              "trainable_params": 1000}, "seconds": 1.0}
 
 
-def saved_study(questions=("q1", "q3")) -> dict:
+def saved_study(questions=("q1", "q2", "q3")) -> dict:
     """A study as run_study would assemble it, with hand-made per-item scores."""
-    options = StudyOptions(questions=questions, methods=("sft", "kd"))
+    options = StudyOptions(questions=questions, methods=("sft", "kd"), targets=("attention", "mlp", "all-linear"),
+                           layers=("early", "late"))
     shifts = {"raw student": 0.0, "teacher": 0.2, "distilled sft": 0.03, "gold sft": 0.0,
-              "distilled kd": 0.0, "gold kd": 0.0}
+              "distilled kd": 0.0, "gold kd": 0.0, "all-linear, all layers": 0.03, "attention, all layers": 0.05,
+              "mlp, all layers": 0.03, "all-linear, early layers": 0.0, "all-linear, late layers": 0.01}
     cells, plan = {}, []
     for c in plan_cells(options):
         key = f"{c.data}-{c.label.replace(' ', '_')}"
-        noise = 0.05 if c.label == "distilled kd" else 0.0
+        noise = 0.05 if c.label in ("distilled kd", "mlp, all layers") else 0.0
         cells[key] = cell(c.label, shifts[c.label], noise, steps=None if c.data in ("raw", "teacher") else 8)
         plan.append({"question": c.question, "label": c.label, "data": c.data, "overrides": list(c.overrides),
                      "group": c.group, "key": key})
     per = lambda s: [float(x) for x in np.clip(BASE + s, 0, 1)]  # noqa: E731
-    cut = {"cut": "middle:10", "layers_left": 20, "raw": 0.05, "raw_ci": [0.0, 0.1], "raw_per_item": per(-0.2),
-           "sft": 0.2, "sft_ci": [0.1, 0.3], "sft_per_item": per(0.0), "kd": 0.25, "kd_ci": [0.15, 0.35],
-           "kd_per_item": per(0.05)}
+    cut = {"cut": "middle:10", "layers_left": 20, "contenders": {
+        m: {"rouge_l": float(np.mean(per(s))), "rouge_l_ci": [0.0, 0.5], "item_ids": ITEMS, "per_item": per(s)}
+        for m, s in (("raw", -0.2), ("sft", 0.0), ("kd", 0.05))}}
     study = {"source": {"data": "accepted.parquet", "command": "distill study --data accepted.parquet"},
              "questions": {q: "" for q in questions}, "options": {"questions": list(questions)},
              "config_yaml": "train:\n  max_steps: 8\n", "config_fingerprint": "abc",
@@ -79,19 +81,28 @@ def test_study_report_gives_paired_verdicts_from_saved_cells(tmp_path):
     # Q3: the student's own cut comes from Q1's cells, then the extra cut; KD beats SFT at middle:10 only.
     rows = f["q3"]["rows"]
     assert [(r["cut"], r["from_q1"]) for r in rows] == [("12-17", True), ("middle:10", False)]
-    assert rows[1]["kd_vs_sft"]["verdict"] == "better" and rows[1]["sft_vs_raw"]["verdict"] == "better"
-    assert rows[0]["kd_vs_sft"]["verdict"] != "better"
-    assert "KD beats SFT at: middle:10" in f["answers"]["q3"]
+    assert rows[1]["vs_sft"]["kd"]["verdict"] == "better" and rows[1]["vs_raw"]["sft"]["verdict"] == "better"
+    assert rows[0]["vs_sft"]["kd"]["verdict"] != "better" and rows[0]["vs_teacher"]["sft"]["verdict"] == "worse"
+    assert "kd beats SFT at: middle:10, loses to it at: 12-17" in f["answers"]["q3"]
     assert f["answers"]["q1"].startswith("sft: distilled is better than gold (+0.030")
+
+    # Q2: each placement against the raw student and against all-linear on all layers.
+    q2 = {r["label"]: r for r in f["q2"]["rows"]}
+    assert q2["attention, all layers"]["vs_reference"]["verdict"] == "better"
+    assert q2["mlp, all layers"]["vs_reference"]["verdict"] == "not distinguishable"
+    assert q2["all-linear, early layers"]["vs_reference"]["verdict"] == "worse"
+    assert q2["all-linear, late layers"]["vs_raw"]["verdict"] == "better"
+    assert "all-linear, all layers" in q2 and "vs_reference" not in q2["all-linear, all layers"]  # it is the reference
+    assert "better than all-linear on all layers: attention, all layers." in f["answers"]["q2"]
 
     write_study_report(tmp_path, study)
     md = (tmp_path / "study.md").read_text()
-    assert "## Q1." in md and "## Q3." in md and "## Q2." not in md
+    assert "## Q1." in md and "## Q2." in md and "## Q3." in md
     assert "| sft | " in md and "**better**" in md and " n.d." in md
     assert "```yaml\ntrain:\n  max_steps: 8\n```" in md  # the exact resolved config rides along
     assert json.loads((tmp_path / "study.json").read_text())["findings"]["q1"]["rows"][0]["method"] == "sft"
     assert (tmp_path / "q1_data.png").stat().st_size > 1000 and (tmp_path / "q3_cuts.png").stat().st_size > 1000
-    assert not (tmp_path / "q2_placement.png").exists()
+    assert (tmp_path / "q2_placement.png").stat().st_size > 1000
 
 
 def test_comparing_cells_scored_on_different_items_is_refused():

@@ -66,6 +66,14 @@ def encode(texts: Sequence[str], vocab: dict[str, int] | None = None) -> Encoded
     return Encoded(np.asarray(flat, dtype=np.int32), offsets, vocab)
 
 
+def _element_ids(ranks: np.ndarray, offsets: np.ndarray, ratio: float, vocab_size: int):
+    """Per text its prefix elements (rarest first) as dense ids; returns (pre_off, pre_elem int32, n_elements)."""
+    pre_off, keys = _prefix_keys(ranks, offsets, ratio, vocab_size)
+    elems, inverse = np.unique(keys, return_inverse=True)
+    del keys
+    return pre_off, inverse.astype(np.int32), len(elems)
+
+
 @njit(cache=True)
 def _prefix_keys(ranks, offsets, ratio, vocab_size):
     """Per text: its prefix elements as int64 keys (k-1)*V + rank, rarest first."""
@@ -93,13 +101,73 @@ def _prefix_keys(ranks, offsets, ratio, vocab_size):
 
 
 @njit(cache=True)
-def _gather(tok, offsets, ids, out_off):
-    """The tokens of texts `ids`, one after another (out_off[k] is where text ids[k] starts)."""
-    out = np.empty(out_off[-1], np.int32)
-    for k in range(ids.size):
-        c = ids[k]
-        out[out_off[k]:out_off[k + 1]] = tok[offsets[c]:offsets[c + 1]]
-    return out
+def _build_postings(tok, offsets, pre_off, pre_elem, n_elements, tok_dtype_probe):
+    """Postings grouped by (element, text length, element's position in its text), each group in text order.
+
+    Each posting carries a copy of its text's tokens (post_tok), so scoring reads memory in order instead of
+    jumping to the text, and `where[j]` is the posting that prefix element j (in pre_off order) became, so a
+    text's postings can be switched on when it is kept.
+    """
+    n = offsets.size - 1
+    m = pre_elem.size
+    # Counting sort by element; texts are visited in order, so each element's postings are in text order.
+    start = np.zeros(n_elements + 1, np.int64)
+    for j in range(m):
+        start[pre_elem[j] + 1] += 1
+    for e in range(n_elements):
+        start[e + 1] += start[e]
+    fill = start[:-1].copy()
+    post_ids = np.empty(m, np.int32)
+    where = np.empty(m, np.int64)
+    key = np.empty(m, np.int64)  # text length, then position, as one sortable number
+    for i in range(n):
+        length = offsets[i + 1] - offsets[i]
+        for j in range(pre_off[i], pre_off[i + 1]):
+            q = fill[pre_elem[j]]
+            fill[pre_elem[j]] += 1
+            post_ids[q] = i
+            key[q] = (np.int64(length) << 32) + (j - pre_off[i])
+    # Within an element, a stable sort by (length, position) keeps text order inside each group.
+    n_groups = 0
+    for e in range(n_elements):
+        a, b = start[e], start[e + 1]
+        if b - a > 1:
+            order = np.argsort(key[a:b], kind="mergesort")
+            post_ids[a:b] = post_ids[a:b][order]
+            key[a:b] = key[a:b][order]
+        for q in range(a, b):
+            if q == a or key[q] != key[q - 1]:
+                n_groups += 1
+    # where[j]: the posting prefix element j of its text ended up as (the key holds the element's position).
+    grp_off = np.empty(n_elements + 1, np.int64)
+    grp_len = np.empty(n_groups, np.int32)
+    grp_pos = np.empty(n_groups, np.int32)
+    grp_start = np.empty(n_groups + 1, np.int64)
+    g = 0
+    for e in range(n_elements):
+        grp_off[e] = g
+        a, b = start[e], start[e + 1]
+        for q in range(a, b):
+            if q == a or key[q] != key[q - 1]:
+                grp_len[g] = key[q] >> 32
+                grp_pos[g] = key[q] & 0xFFFFFFFF
+                grp_start[g] = q
+                g += 1
+            i = post_ids[q]
+            where[pre_off[i] + (key[q] & 0xFFFFFFFF)] = q
+    grp_off[n_elements] = g
+    grp_start[n_groups] = m
+    post_tok_off = np.zeros(m + 1, np.int64)
+    for q in range(m):
+        i = post_ids[q]
+        post_tok_off[q + 1] = post_tok_off[q] + offsets[i + 1] - offsets[i]
+    post_tok = np.empty(post_tok_off[m], tok_dtype_probe.dtype)
+    for q in range(m):
+        i = post_ids[q]
+        b0 = post_tok_off[q]
+        for t in range(offsets[i + 1] - offsets[i]):
+            post_tok[b0 + t] = tok[offsets[i] + t]
+    return grp_off, grp_len, grp_pos, grp_start, post_ids, post_tok, post_tok_off, where
 
 
 @njit(cache=True)
@@ -111,8 +179,35 @@ def _popcount(x):
 
 
 @njit(cache=True)
-def _lcs_dp(tok, a0, a1, tok_b, b0, b1, row):
-    """Plain two-row LCS DP, for texts longer than one machine word."""
+def _set_masks(tok, a0, a1, masks):
+    """Bit j of masks[t] says token j of text a is t (bit-parallel LCS, texts of up to 64 tokens)."""
+    if a1 - a0 <= 64:
+        for j in range(a1 - a0):
+            masks[tok[a0 + j]] |= np.uint64(1) << np.uint64(j)
+
+
+@njit(cache=True)
+def _clear_masks(tok, a0, a1, masks):
+    if a1 - a0 <= 64:
+        for j in range(a1 - a0):
+            masks[tok[a0 + j]] = np.uint64(0)
+
+
+@njit(cache=True)
+def _lcs(tok, a0, a1, tok_b, b0, b1, masks, row):
+    """LCS length of text a (tok[a0:a1]) and text b (tok_b[b0:b1]): the project's one LCS.
+
+    Up to 64 tokens in a, one 64-bit word holds a DP row (Hyyrö 2004; masks set by `_set_masks` for a), so a
+    pair costs a few logic ops per token of b; longer texts take the plain two-row DP.
+    """
+    la = a1 - a0
+    if la <= 64:
+        v = ~np.uint64(0)
+        for j in range(b0, b1):
+            u = v & masks[tok_b[j]]
+            v = (v + u) | (v - u)
+        low = ~np.uint64(0) if la == 64 else (np.uint64(1) << np.uint64(la)) - np.uint64(1)
+        return la - _popcount(v & low)
     lb = b1 - b0
     for j in range(lb + 1):
         row[j] = 0
@@ -140,32 +235,29 @@ def _rouge_f(lcs, len_target, len_prediction):
 
 
 @njit(cache=True)
-def _best_match(i, c_lo, c_hi, tok, offsets, pre_off, pre_elem, grp_off, grp_len, grp_pos, grp_start, post_ids,
-                post_tok, post_tok_off, kept, tslack, ratio, mark, masks, row):
-    """Best ROUGE-L F of text i against the kept texts c with c_lo <= c < c_hi: (index or -1, score).
+def _best_match(tok, a0, a1, q_pre_elem, c_lo, c_hi, grp_off, grp_len, grp_pos, grp_start, post_ids, post_tok,
+                post_tok_off, alive, tslack, ratio, masks, row):
+    """Best ROUGE-L F of text a (tok[a0:a1], prefix elements q_pre_elem) against the alive postings of texts c
+    with c_lo <= c < c_hi: (index or -1, score).
 
-    Postings come in groups (element, text length, element's position in that text), each group in text
-    order, so length and positional filters skip whole groups before any text is touched; each posting
-    carries a copy of its text's tokens, so scoring reads memory in order.
+    Groups of an element are sorted by length, then position, so the length and positional filters skip whole
+    groups before any text is touched. Every posting reads only its own slots (alive flag, token copy), in
+    order: a text met through several elements is scored again, which costs less than looking it up.
     """
-    a0, a1 = offsets[i], offsets[i + 1]
     la = a1 - a0
     best = -1
     best_s = 0.0
     if la == 0:  # rouge_score scores an empty text 0 against everything
         return best, best_s
-    one = np.uint64(1)
-    low = np.uint64(0)
-    word = la <= 64
-    if word:
-        for j in range(la):
-            masks[tok[a0 + j]] |= one << np.uint64(j)
-        low = ~np.uint64(0) if la == 64 else (one << np.uint64(la)) - one
+    _set_masks(tok, a0, a1, masks)
+    best_num, best_den = 0, 1  # best_s as the rational 2*best_num/best_den (both sides halved below)
     lo = la * ratio
     hi = la / ratio
-    for p in range(pre_off[i], pre_off[i + 1]):
-        e = pre_elem[p]
-        left_q = la - (p - pre_off[i])  # query elements from this one on
+    for p in range(q_pre_elem.size):
+        e = q_pre_elem[p]
+        if e < 0:
+            continue  # an element no indexed text has
+        left_q = la - p  # query elements from this one on
         # First group with a length above lo (groups of an element are sorted by length, then position).
         g, g_end = grp_off[e], grp_off[e + 1]
         while g < g_end:
@@ -200,44 +292,44 @@ def _best_match(i, c_lo, c_hi, tok, offsets, pre_off, pre_elem, grp_off, grp_len
                 c = post_ids[q]
                 if c >= c_hi:
                     break
-                if mark[c] == i or not kept[c]:
+                if not alive[q]:
                     continue
-                mark[c] = i
                 b0 = post_tok_off[q]
-                b1 = b0 + lb
-                if word:
-                    v = ~np.uint64(0)
-                    for j in range(b0, b1):
-                        u = v & masks[post_tok[j]]
-                        v = (v + u) | (v - u)
-                    lcs = la - _popcount(v & low)
-                else:
-                    lcs = _lcs_dp(tok, a0, a1, post_tok, b0, b1, row)
+                lcs = _lcs(tok, a0, a1, post_tok, b0, b0 + lb, masks, row)
+                # F is 2*lcs/(la+lb) up to rounding; when that rational is clearly below the best so far
+                # (by more than any rounding), the exact float formula and its three divisions are skipped.
+                if lcs * best_den < best_num * (la + lb) - 1 or lcs == 0:
+                    continue
                 sc = _rouge_f(lcs, la, lb)
                 if sc > best_s or (sc == best_s and best >= 0 and c < best):
                     best_s = sc
                     best = c
+                    best_num, best_den = lcs, la + lb
             g += 1
-    if word:
-        for j in range(la):
-            masks[tok[a0 + j]] = np.uint64(0)
+    _clear_masks(tok, a0, a1, masks)
     return best, best_s
+
+
+@njit(cache=True)
+def _set_alive(i, pre_off, where, alive):
+    for j in range(pre_off[i], pre_off[i + 1]):
+        alive[where[j]] = True
 
 
 @njit(cache=True, parallel=True)
 def _dedupe_kernel(tok, offsets, pre_off, pre_elem, grp_off, grp_len, grp_pos, grp_start, post_ids, post_tok,
-                   post_tok_off, n_kept_first, threshold, ratio, vocab_size, start, n_workers, batch):
-    """Alpaca's loop over texts[start:], the first n_kept_first texts (seeds) counted as kept.
+                   post_tok_off, where, n_kept_first, threshold, ratio, vocab_size, n_workers, batch):
+    """Alpaca's loop over the texts, the first n_kept_first texts (seeds) counted as kept.
 
     Texts go in batches: first every text of a batch is scored against the texts decided before the batch,
     in parallel; then, in order, against the earlier texts of its own batch. Each decision therefore sees
-    exactly the kept set Alpaca's sequential loop would.
+    exactly the kept set Alpaca's sequential loop would. A kept text's postings are switched on as it is kept.
     """
     n = offsets.size - 1
     kept = np.zeros(n, np.bool_)
-    nearest = np.full(n, -1, np.int64)
+    nearest = np.full(n, -1, np.int32)
     score = np.zeros(n, np.float64)
-    marks = np.full((n_workers, n), -1, np.int32)
+    alive = np.zeros(post_ids.size, np.bool_)
     masks = np.zeros((n_workers, vocab_size), np.uint64)
     maxlen = 1
     for i in range(n):
@@ -246,29 +338,42 @@ def _dedupe_kernel(tok, offsets, pre_off, pre_elem, grp_off, grp_len, grp_pos, g
     tslack = threshold - 1e-9
     for i in range(min(n_kept_first, n)):
         kept[i] = True
-    first = max(start, n_kept_first)
+        _set_alive(i, pre_off, where, alive)
+    first = min(n_kept_first, n)
     for s in range(first, n, batch):
         e = min(s + batch, n)
         per = (e - s + n_workers - 1) // n_workers
         for w in prange(n_workers):
             for i in range(s + w * per, min(s + (w + 1) * per, e)):
-                b, bs = _best_match(i, 0, s, tok, offsets, pre_off, pre_elem, grp_off, grp_len, grp_pos, grp_start,
-                                    post_ids, post_tok, post_tok_off, kept, tslack, ratio, marks[w], masks[w], rows[w])
+                b, bs = _best_match(tok, offsets[i], offsets[i + 1], pre_elem[pre_off[i]:pre_off[i + 1]], 0, s,
+                                    grp_off, grp_len, grp_pos, grp_start, post_ids, post_tok, post_tok_off, alive,
+                                    tslack, ratio, masks[w], rows[w])
                 nearest[i] = b
                 score[i] = bs
         for i in range(s, e):
-            b, bs = _best_match(i, s, i, tok, offsets, pre_off, pre_elem, grp_off, grp_len, grp_pos, grp_start,
-                                post_ids, post_tok, post_tok_off, kept, tslack, ratio, marks[0], masks[0], rows[0])
+            b, bs = _best_match(tok, offsets[i], offsets[i + 1], pre_elem[pre_off[i]:pre_off[i + 1]], s, i,
+                                grp_off, grp_len, grp_pos, grp_start, post_ids, post_tok, post_tok_off, alive,
+                                tslack, ratio, masks[0], rows[0])
             if bs > score[i]:  # ties keep the earlier text, from before the batch
                 nearest[i] = b
                 score[i] = bs
             kept[i] = not (score[i] > threshold)
+            if kept[i]:
+                _set_alive(i, pre_off, where, alive)
     return kept, nearest, score
 
 
 # numba's default (workqueue) threading layer aborts the process if two Python threads launch parallel
 # kernels at once (Prefect may run tasks in threads), so kernel launches take turns.
 _KERNEL_LOCK = threading.Lock()
+
+
+@dataclass
+class Verdict:
+    """One decision of the incremental index: kept or not, the best-scoring kept text (pool index), its F."""
+    kept: bool
+    nearest: int | None
+    score: float
 
 
 @dataclass
@@ -283,50 +388,45 @@ class DedupeResult:
     score: np.ndarray
 
 
-def dedupe_encoded(enc: Encoded, n_kept_first: int = 0, threshold: float = 0.7, start: int = 0,
+def _frequency_ranks(tokens: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The global element order, rarest token first (ties by id): (ranks of `tokens`, rank of each token id)."""
+    counts = np.bincount(tokens, minlength=vocab_size)
+    order = np.lexsort((np.arange(vocab_size), counts))
+    rank_of = np.empty(vocab_size, np.int32)
+    rank_of[order] = np.arange(vocab_size, dtype=np.int32)
+    return rank_of[tokens], rank_of
+
+
+def _token_dtype(vocab_size: int):
+    # Token copies in the postings are the biggest array at ten million texts: 2 bytes each when they fit.
+    return np.zeros(1, np.uint16 if vocab_size <= 65536 else np.int32)
+
+
+def _workers(workers: int | None) -> int:
+    import numba
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(workers or cores, numba.config.NUMBA_NUM_THREADS))
+
+
+def dedupe_encoded(enc: Encoded, n_kept_first: int = 0, threshold: float = 0.7,
                    workers: int | None = None, batch: int = 2048) -> DedupeResult:
     """Alpaca's decisions for encoded texts in order; the first `n_kept_first` count as kept already.
 
     `workers` threads (default: the cores this process may use, at most numba's thread count) score each
     batch against the earlier kept texts in parallel; decisions do not depend on either setting.
     """
-    import numba
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = max(1, min(workers or cores, numba.config.NUMBA_NUM_THREADS))
+    workers = _workers(workers)
     ratio = slack_ratio(threshold)
     vocab_size = max(len(enc.vocab), int(enc.tokens.max()) + 1 if enc.tokens.size else 1)
-    # Global element order: rarest token first (ties by id), fixed for this call.
-    counts = np.bincount(enc.tokens, minlength=vocab_size)
-    order = np.lexsort((np.arange(vocab_size), counts))
-    rank_of = np.empty(vocab_size, np.int64)
-    rank_of[order] = np.arange(vocab_size)
-    ranks = rank_of[enc.tokens]
-    pre_off, keys = _prefix_keys(ranks, enc.offsets, ratio, vocab_size)
-    elems, pre_elem = np.unique(keys, return_inverse=True)
-    # Postings grouped by (element, text length, position of the element in its text), each group in
-    # text order.
-    n = len(enc.offsets) - 1
-    lengths = np.diff(enc.offsets)
-    owner = np.repeat(np.arange(n, dtype=np.int64), np.diff(pre_off))
-    pos = np.arange(len(pre_elem), dtype=np.int64) - pre_off[owner]
-    order = np.lexsort((owner, pos, lengths[owner], pre_elem))
-    post_ids, e_s, l_s, p_s = owner[order], pre_elem[order], lengths[owner][order], pos[order]
-    new_group = np.ones(len(order), bool)
-    if len(order):
-        new_group[1:] = (e_s[1:] != e_s[:-1]) | (l_s[1:] != l_s[:-1]) | (p_s[1:] != p_s[:-1])
-    starts = np.flatnonzero(new_group)
-    grp_start = np.append(starts, len(order)).astype(np.int64)
-    grp_off = np.searchsorted(e_s[starts], np.arange(len(elems) + 1)).astype(np.int64)
-    ranks32 = ranks.astype(np.int32)
-    post_tok_off = np.zeros(len(order) + 1, np.int64)
-    np.cumsum(l_s, out=post_tok_off[1:])
-    post_tok = _gather(ranks32, enc.offsets, post_ids, post_tok_off)
+    ranks, _ = _frequency_ranks(enc.tokens, vocab_size)
+    pre_off, pre_elem, n_elements = _element_ids(ranks, enc.offsets, ratio, vocab_size)
+    index = _build_postings(ranks, enc.offsets, pre_off, pre_elem, n_elements, _token_dtype(vocab_size))
+    grp_off, grp_len, grp_pos, grp_start, post_ids, post_tok, post_tok_off, where = index
     with _KERNEL_LOCK:
-        kept, nearest, score = _dedupe_kernel(ranks32, enc.offsets, pre_off, pre_elem.astype(np.int64),
-                                              grp_off, l_s[starts].astype(np.int64), p_s[starts].astype(np.int64),
-                                              grp_start, post_ids, post_tok, post_tok_off, n_kept_first,
-                                              float(threshold), ratio, vocab_size, start, workers, batch)
+        kept, nearest, score = _dedupe_kernel(ranks, enc.offsets, pre_off, pre_elem, grp_off, grp_len, grp_pos,
+                                              grp_start, post_ids, post_tok, post_tok_off, where, n_kept_first,
+                                              float(threshold), ratio, vocab_size, workers, batch)
     return DedupeResult(kept, nearest, score)
 
 
@@ -337,7 +437,7 @@ def dedupe_texts(texts: Sequence[str], seeds: Sequence[str] = (), threshold: flo
 
 
 @njit(cache=True)
-def _max_rouge_against(tok, offsets, n_refs):
+def _max_rouge_against(tok, offsets, n_refs, vocab_size):
     """For each text after the first n_refs: its best ROUGE-L F against the first n_refs texts."""
     n = offsets.size - 1
     best = np.zeros(max(n - n_refs, 0), np.float64)
@@ -345,21 +445,163 @@ def _max_rouge_against(tok, offsets, n_refs):
     for i in range(n):
         maxlen = max(maxlen, offsets[i + 1] - offsets[i])
     row = np.zeros(maxlen + 1, np.int64)
+    masks = np.zeros(vocab_size, np.uint64)
     for i in range(n_refs, n):
         a0, a1 = offsets[i], offsets[i + 1]
+        _set_masks(tok, a0, a1, masks)
         for c in range(n_refs):
             b0, b1 = offsets[c], offsets[c + 1]
             if a1 > a0 and b1 > b0:
-                s = _rouge_f(_lcs_dp(tok, a0, a1, tok, b0, b1, row), a1 - a0, b1 - b0)
+                s = _rouge_f(_lcs(tok, a0, a1, tok, b0, b1, masks, row), a1 - a0, b1 - b0)
                 if s > best[i - n_refs]:
                     best[i - n_refs] = s
+        _clear_masks(tok, a0, a1, masks)
     return best
 
 
 def max_rouge_to(texts: Sequence[str], refs: Sequence[str]) -> np.ndarray:
     """Each text's highest ROUGE-L F against any of `refs` (Self-Instruct's overlap-with-seeds statistic)."""
     enc = encode(list(refs) + list(texts))
-    return _max_rouge_against(enc.tokens, enc.offsets, len(refs))
+    return _max_rouge_against(enc.tokens, enc.offsets, len(refs), max(len(enc.vocab), 1))
+
+
+def rouge_l(target: str, prediction: str) -> float:
+    """ROUGE-L F of two texts, as rouge_score computes it (same tokens, same float formula)."""
+    enc = encode([target, prediction])
+    return float(_max_rouge_against(enc.tokens, enc.offsets, 1, max(len(enc.vocab), 1))[0])
+
+
+@njit(cache=True)
+def _best_in_tail(tok, a0, a1, tail_tok, tail_off, ratio, masks, row):
+    """Best ROUGE-L F of text a against each text of a short unindexed tail (ties: the earliest)."""
+    la = a1 - a0
+    best, best_s = -1, 0.0
+    if la == 0:
+        return best, best_s
+    _set_masks(tok, a0, a1, masks)
+    for c in range(tail_off.size - 1):
+        b0, b1 = tail_off[c], tail_off[c + 1]
+        lb = b1 - b0
+        if lb == 0 or not (la * ratio < lb < la / ratio):  # the length filter: F cannot pass outside
+            continue
+        sc = _rouge_f(_lcs(tok, a0, a1, tail_tok, b0, b1, masks, row), la, lb)
+        if sc > best_s:
+            best_s, best = sc, c
+    _clear_masks(tok, a0, a1, masks)
+    return best, best_s
+
+
+@njit(cache=True)
+def _query_elements(ranks, ratio, elem_of_key, vocab_size):
+    """Prefix elements of one text under the index's order, as the index's element ids (-1: not indexed)."""
+    m = ranks.size
+    need = np.int64(np.floor(m * ratio)) + 1
+    plen = max(1, m - need + 1) if m > 0 else 0
+    seq = np.sort(ranks)
+    out = np.full(plen, -1, np.int64)
+    k = 0
+    for j in range(plen):
+        if j > 0 and seq[j] == seq[j - 1]:
+            k += 1
+        else:
+            k = 0
+        if seq[j] >= vocab_size:
+            continue  # a token the index has never seen: no indexed text shares it
+        key = np.int64(k) * vocab_size + seq[j]
+        lo, hi = 0, elem_of_key.size
+        while lo < hi:
+            h = (lo + hi) // 2
+            if elem_of_key[h] < key:
+                lo = h + 1
+            else:
+                hi = h
+        if lo < elem_of_key.size and elem_of_key[lo] == key:
+            out[j] = lo
+    return out
+
+
+class NearDuplicateIndex:
+    """Kept instructions, one at a time (the generation loop): Alpaca's rule through the same compiled index
+    and LCS as the whole-list filter above.
+
+    Kept texts sit in a frozen index plus a short tail scored directly; when the tail reaches a quarter of the
+    index (at least `min_tail` texts) the index is rebuilt over everything, with the token order refreshed from the
+    texts seen so far, so adding n texts costs O(n log n) rebuild work in all.
+    """
+
+    def __init__(self, threshold: float = 0.7, vocabulary_hint: Sequence[str] = (), min_tail: int = 256):
+        self.threshold = threshold
+        self.min_tail = min_tail
+        self._ratio = slack_ratio(threshold)
+        self.texts: list[str] = []
+        self._vocab: dict[str, int] = {}
+        encode(list(vocabulary_hint), self._vocab)  # token ids only; the order comes from the kept texts
+        self._tokens: list[np.ndarray] = []  # token ids per kept text
+        self._frozen = 0  # texts [0, _frozen) are in the index
+        self._index = None
+
+    def _encode(self, text: str) -> np.ndarray:
+        return encode([text], self._vocab).tokens
+
+    def _rebuild(self) -> None:
+        n = len(self._tokens)
+        vocab_size = max(len(self._vocab), 1)
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum([t.size for t in self._tokens], out=offsets[1:])
+        tokens = np.concatenate(self._tokens) if n else np.zeros(0, np.int32)
+        ranks, rank_of = _frequency_ranks(tokens, vocab_size)
+        pre_off, keys = _prefix_keys(ranks, offsets, self._ratio, vocab_size)
+        elem_of_key, pre_elem = np.unique(keys, return_inverse=True)
+        index = _build_postings(ranks, offsets, pre_off, pre_elem.astype(np.int32), len(elem_of_key),
+                                _token_dtype(vocab_size))
+        alive = np.ones(len(pre_elem), np.bool_)
+        self._index = (vocab_size, rank_of, elem_of_key, index, alive)
+        self._frozen = n
+
+    def check(self, text: str) -> tuple[Verdict, np.ndarray]:
+        """Best ROUGE-L F of `text` against every kept text; kept when it is at or below the threshold."""
+        tokens = self._encode(text)
+        if tokens.size == 0:
+            return Verdict(True, None, 0.0), tokens
+        best, best_s = -1, 0.0
+        vocab_size = len(self._vocab)
+        masks = np.zeros(vocab_size, np.uint64)
+        row = np.zeros(tokens.size + 1, np.int64)
+        if self._index is not None and self._frozen:
+            size, rank_of, elem_of_key, index, alive = self._index
+            grp_off, grp_len, grp_pos, grp_start, post_ids, post_tok, post_tok_off, _ = index
+            # Tokens the index has never seen get ranks past its vocabulary: they match nothing in it.
+            ranks = np.where(tokens < size, rank_of[np.minimum(tokens, size - 1)], size + tokens).astype(np.int32)
+            masks = np.zeros(max(size, int(ranks.max()) + 1), np.uint64)
+            elems = _query_elements(ranks, self._ratio, elem_of_key, size)
+            best, best_s = _best_match(ranks, 0, ranks.size, elems, 0, self._frozen, grp_off, grp_len, grp_pos,
+                                       grp_start, post_ids, post_tok, post_tok_off, alive, self.threshold - 1e-9,
+                                       self._ratio, masks, row)
+            masks = np.zeros(vocab_size, np.uint64)
+        tail = self._tokens[self._frozen:]
+        if tail:
+            tail_off = np.zeros(len(tail) + 1, np.int64)
+            np.cumsum([t.size for t in tail], out=tail_off[1:])
+            b, bs = _best_in_tail(tokens, 0, tokens.size, np.concatenate(tail), tail_off, self._ratio, masks, row)
+            if bs > best_s:
+                best, best_s = self._frozen + b, bs
+        verdict = Verdict(not (best_s > self.threshold), best if best >= 0 else None, best_s)
+        return verdict, tokens
+
+    def add(self, text: str, tokens: np.ndarray | None = None) -> int:
+        """Add a kept text; returns its index in the pool."""
+        self.texts.append(text)
+        self._tokens.append(self._encode(text) if tokens is None else tokens)
+        if len(self._tokens) - self._frozen >= max(self.min_tail, self._frozen // 4):
+            self._rebuild()
+        return len(self.texts) - 1
+
+    def check_and_add(self, text: str) -> Verdict:
+        """Alpaca's step: keep (and add) the text unless a kept text scores above the threshold."""
+        verdict, tokens = self.check(text)
+        if verdict.kept:
+            self.add(text, tokens)
+        return verdict
 
 
 def save_pool(path, texts: Sequence[str], threshold: float) -> None:

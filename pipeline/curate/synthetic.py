@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import random
 import string
 from typing import Sequence
 
+from pipeline import DATA_DIR
+
 _FILLERS = ["the", "a", "please", "also", "briefly", "now", "new", "simple", "short", "following"]
+
+
+def alpaca_records() -> list[dict]:
+    """The 5,000 Alpaca records this repository ships (data/alpaca_dev.jsonl + alpaca_gold_train.jsonl), in
+    their original order (`alpaca-<k>` ids), so tests and benchmarks run from a fresh clone."""
+    rows = [json.loads(line) for name in ("alpaca_dev.jsonl", "alpaca_gold_train.jsonl")
+            for line in (DATA_DIR / name).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return sorted(rows, key=lambda r: int(r["id"].rsplit("-", 1)[1]))
 
 
 def near_duplicate_of(text: str, rng: random.Random) -> str:

@@ -9,7 +9,7 @@ import random
 import re
 
 from pipeline.config import CurateConfig, GenerateConfig
-from pipeline.curate.dedupe import lcs_length, rouge_l_f, rouge_tokens
+from pipeline.curate.fastdedupe import rouge_l
 from pipeline.generate.prompts import render, template_hash
 from pipeline.generate.self_instruct import answer_instructions, screen, seed_pool
 from pipeline.records import Record
@@ -43,10 +43,8 @@ def elimination_reason(original: str, evolved: str, answer: str | None = None) -
         return "evol_empty"
     if any(leak in evolved.lower() for leak in _LEAKS):
         return "evol_copied_prompt"
-    a, b = rouge_tokens(original), rouge_tokens(evolved)
-    if a and b:
-        if rouge_l_f(lcs_length(a, b), len(a), len(b)) > 0.9:
-            return "evol_no_gain"
+    if rouge_l(original, evolved) > 0.9:
+        return "evol_no_gain"
     if answer is not None:
         words = answer.split()
         if "sorry" in answer.lower() and len(words) < 80:

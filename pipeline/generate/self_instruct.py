@@ -7,7 +7,7 @@ import json
 import random
 
 from pipeline.config import CurateConfig, GenerateConfig
-from pipeline.curate.dedupe import NearDuplicateIndex
+from pipeline.curate.fastdedupe import NearDuplicateIndex
 from pipeline.curate.filters import INSTRUCTION_FILTERS, first_failure
 from pipeline.generate.parse import parse_completion_tasks, parse_numbered_list
 from pipeline.generate.prompts import render, template_hash

@@ -81,6 +81,18 @@ class ResponseCache:
         row = self._conn().execute("SELECT reply FROM replies WHERE key=?", (key,)).fetchone()
         return Completion.model_validate_json(row[0]) if row else None
 
+    def get_many(self, keys: list[str]) -> dict[str, Completion]:
+        """The cached replies among `keys`, in a few queries: a batch's lookups must not cost a round trip
+        to SQLite per request before the first call can start (bench/teacher_throughput.py)."""
+        found: dict[str, Completion] = {}
+        conn = self._conn()
+        for k in range(0, len(keys), 500):  # SQLite's default cap on bound parameters is well above this
+            chunk = keys[k:k + 500]
+            marks = ",".join("?" * len(chunk))
+            for key, reply in conn.execute(f"SELECT key, reply FROM replies WHERE key IN ({marks})", chunk):
+                found[key] = Completion.model_validate_json(reply)
+        return found
+
     def put(self, key: str, completion: Completion) -> None:
         # Only successful replies are cached: a failure must be retried on the next run.
         if completion.ok:
@@ -312,6 +324,8 @@ class Ledger:
 
     def over_budget(self) -> bool:
         """True once the budget is spent (the non-raising form of `check_budget`)."""
+        if self.budget_usd is None and self.budget_tokens is None:
+            return False  # asked before every call: no budget, no totals to add up
         try:
             self.check_budget()
             return False
@@ -349,9 +363,10 @@ class CachedTeacher:
         self.ledger.check_budget()
         results: list[Completion | None] = [None] * len(requests)
         keys = [r.cache_key(self.backend, self.model) for r in requests]
+        hits = self.cache.get_many(keys)
         todo: list[int] = []
         for i, key in enumerate(keys):
-            hit = self.cache.get(key)
+            hit = hits.get(key)
             if hit is not None:
                 results[i] = hit.model_copy(update={"cached": True})
                 self.ledger.record(requests[i].stage, results[i])

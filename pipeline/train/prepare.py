@@ -183,7 +183,10 @@ def prepare(student_dir: Path, records: list[Record], cfg: TrainConfig, out_dir:
             raise DistillError(f"train.method={cfg.method}" + (" with hidden_loss_weight > 0" if cfg.hidden_loss_weight
                                else "") + " needs an in-process teacher checkpoint; set train.kd_teacher or "
                                "student.cut_from to the teacher's GGUF.")
-        teacher = load_teacher(teacher_dir, tokenizer, model, dtype, "cuda" if cuda else "cpu")
+        from pipeline.scale.distributed import device_for_this_process
+
+        # cuda:<local rank> under a multi-process launch; plain "cuda" would put every rank's teacher on GPU 0.
+        teacher = load_teacher(teacher_dir, tokenizer, model, dtype, device_for_this_process(cuda))
     layer_map = None
     if cfg.hidden_loss_weight > 0:
         from pipeline.train.hidden import layer_map as derive_map
@@ -205,12 +208,17 @@ def common_args(prep: Prepared) -> dict[str, Any]:
     """Trainer arguments every method shares (TRL's CPU-hostile defaults turned off: bf16, checkpointing)."""
     import torch
 
+    from pipeline.scale.distributed import split_batch
+
     cfg = prep.cfg
     steps_per_epoch = max(1, math.ceil(len(prep.rows) / cfg.batch_size / cfg.grad_accum))
+    # On N processes (torchrun / accelerate launch) the configured batch is split so one optimizer step still sees
+    # train.batch_size * train.grad_accum examples.
+    per_device, accum = split_batch(cfg.batch_size, cfg.grad_accum)
     return dict(
         output_dir=str(prep.out_dir / "checkpoints"),
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accum,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         learning_rate=cfg.learning_rate,
@@ -337,18 +345,26 @@ def last_checkpoint(out_dir: Path, fingerprint: str) -> Path | None:
 
 def fit_and_save(prep: Prepared, trainer, report: PreflightReport, resume: bool) -> dict[str, Any]:
     """Train (resuming an interrupted run), save the adapter or model, and return the summary for train.json."""
+    from pipeline.scale.distributed import batch_layout
+
     cfg, out_dir = prep.cfg, prep.out_dir
-    checkpoint = last_checkpoint(out_dir, fingerprint(prep.records, cfg, prep.student_dir)) if resume else None
+    # Under a multi-process launch the main process sets the checkpoint folder straight first, the others then read it.
+    with trainer.args.main_process_first(desc="checkpoint folder"):
+        checkpoint = last_checkpoint(out_dir, fingerprint(prep.records, cfg, prep.student_dir)) if resume else None
     start_step = int(checkpoint.name.split("-")[1]) if checkpoint else 0
     if checkpoint:
         log.info("Resuming from %s", checkpoint)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     tokenizer = trainer.processing_class
     outputs: dict[str, str] = {}
+    main = trainer.is_world_process_zero()  # one writer of files under a multi-process launch
     if cfg.finetune == "full":
         outputs["model"] = str(out_dir / "model")
-        trainer.save_model(outputs["model"])
-        tokenizer.save_pretrained(outputs["model"])
+        trainer.save_model(outputs["model"])  # gathers sharded weights on every rank, writes on the main one
+        if main:
+            tokenizer.save_pretrained(outputs["model"])
+    elif not main:
+        outputs["adapter"] = str(out_dir / "adapter")
     else:
         outputs["adapter"] = str(out_dir / "adapter")
         trainer.model.save_pretrained(outputs["adapter"])
@@ -373,13 +389,15 @@ def fit_and_save(prep: Prepared, trainer, report: PreflightReport, resume: bool)
                "lora": None if prep.lora is None else {"target": cfg.lora_target, "layers": cfg.lora_layers,
                                                       "layer_indices": prep.lora_layers, "r": cfg.lora_r},
                "teacher": str(prep.teacher_dir) if prep.teacher is not None else None,
-               "train_config": cfg.model_dump(mode="json"), **prep.extra}
+               "train_config": cfg.model_dump(mode="json"),
+               "batch": batch_layout(cfg.batch_size, cfg.grad_accum), **prep.extra}
     if cfg.hidden_loss_weight > 0:
         summary["hidden"] = {"weight": cfg.hidden_loss_weight, "loss": cfg.hidden_loss,
                              "layer_map": {str(s): t for s, t in enumerate(prep.layer_map)},
                              "last_hidden_loss": getattr(trainer, "last_hidden_loss", None)}
-    (out_dir / "train_log.json").write_text(json.dumps(history, indent=2))
-    plot_curves(history, out_dir / "training_curves.png")
+    if main:
+        (out_dir / "train_log.json").write_text(json.dumps(history, indent=2))
+        plot_curves(history, out_dir / "training_curves.png")
     return summary
 
 

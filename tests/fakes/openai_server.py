@@ -74,6 +74,7 @@ class FakeOpenAIServer:
     files: dict = field(default_factory=dict)  # file id -> JSONL text (uploads and batch outputs)
     honor_max_tokens: bool = False  # cut replies to the request's max_tokens (in words, the fake's token), as servers do
     billed: Counter = field(default_factory=Counter)  # what a provider would charge: answered, prompt/completion tokens
+    billed_per_model: dict = field(default_factory=dict)  # model name -> Counter like `billed`
     batches: dict = field(default_factory=dict)  # batch id -> batch object
 
     def __post_init__(self) -> None:
@@ -176,9 +177,10 @@ class FakeOpenAIServer:
             self.answered[key] += 1
         return JSONResponse(reply)
 
-    def billed_usd(self, price_per_1m_input: float, price_per_1m_output: float) -> float:
-        """The bill for every reply served so far, at the given prices (faults are not billed)."""
-        return (self.billed["prompt_tokens"] * price_per_1m_input + self.billed["completion_tokens"] * price_per_1m_output) / 1e6
+    def billed_usd(self, price_per_1m_input: float, price_per_1m_output: float, model: str | None = None) -> float:
+        """The bill for every reply served so far (to one model, if named), at the given prices; faults are free."""
+        b = self.billed if model is None else self.billed_per_model.get(model, Counter())
+        return (b["prompt_tokens"] * price_per_1m_input + b["completion_tokens"] * price_per_1m_output) / 1e6
 
     def _reply(self, body: dict, kind: str, key: str, truncated: bool = False) -> dict:
         text = self.responder(body)
@@ -190,8 +192,9 @@ class FakeOpenAIServer:
         usage = {"prompt_tokens": len(json.dumps(body.get("prompt") or body.get("messages")).split()),
                  "completion_tokens": len(text.split()), "total_tokens": 0}
         with self._lock:
-            self.billed.update({"answered": 1, "prompt_tokens": usage["prompt_tokens"],
-                                "completion_tokens": usage["completion_tokens"]})
+            bill = {"answered": 1, "prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"]}
+            self.billed.update(bill)
+            self.billed_per_model.setdefault(body.get("model", ""), Counter()).update(bill)
         if kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
             obj = "chat.completion"
