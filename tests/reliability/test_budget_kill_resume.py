@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from pipeline.store import Catalog
 from pipeline.teachers import Ledger
 from tests.conftest import fast_overrides
 from tests.fakes.openai_server import FakeOpenAIServer, default_responder
-from tests.reliability.test_kill_resume import cached_replies
+from tests.reliability.test_kill_resume import cached_replies, kill_when
 
 pytestmark = pytest.mark.slow
 
@@ -59,19 +58,6 @@ def start(runs: Path, base_url: str, extra: list[str] = (), kill_at_promote: boo
                             env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
 
 
-def kill_when(proc: subprocess.Popen, condition, timeout: float = 1800) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before the kill point: {proc.stderr.read()[-3000:]}")
-        if condition():
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError("kill point never reached")
-
 
 def test_budget_holds_across_kills_and_resumes_of_a_real_run(tmp_path):
     runs = tmp_path / "runs"
@@ -86,8 +72,8 @@ def test_budget_holds_across_kills_and_resumes_of_a_real_run(tmp_path):
         return default_responder(body)
 
     with FakeOpenAIServer(responder=responder, latency_s=0.05, honor_max_tokens=True) as server:
-        kill_when(start(runs, server.base_url), lambda: cached_replies(runs) >= 3)  # during generate
-        kill_when(start(runs, server.base_url), lambda: len(judged) >= 2)  # during evaluate, judge calls in flight
+        kill_when(start(runs, server.base_url), lambda: cached_replies(runs) >= 3, timeout=1800)  # during generate
+        kill_when(start(runs, server.base_url), lambda: len(judged) >= 2, timeout=1800)  # during evaluate, judge calls in flight
         last = start(runs, server.base_url)
         _, err = last.communicate(timeout=1800)
 
