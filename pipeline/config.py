@@ -175,7 +175,7 @@ class SelectConfig(Strict):
 class StudentConfig(Strict):
     source: str = Field("embedded-cut", description="embedded-cut (the packaged teacher with layers removed), a local HF checkpoint dir, or a hub id.")
     cut_from: str = Field("smollm2-135m-instruct", description="For embedded-cut: the GGUF (packaged alias or path) the student is cut from; share the teacher's for logit distillation.")
-    drop_layers: list[int] | str = Field(default_factory=lambda: list(range(12, 18)), description="Layers removed from the teacher for embedded-cut: an explicit list, 'a-b' (a block, inclusive), 'middle:N' (the N centre layers) or 'every:K' (keep layers 0, K, 2K, ...). ENVIRONMENT.md: a middle block survives, every-other does not.")
+    drop_layers: list[int] | str = Field(default_factory=lambda: list(range(12, 18)), description="Layers removed from the teacher for embedded-cut: an explicit list, 'a-b' (a block, inclusive), 'middle:N' (the N centre layers) or 'every:K' (keep layers 0, K, 2K, ...). Measured on SmolLM2-135M: a middle block survives, every-other does not (README, Training).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: float32 on CPU, bfloat16 on CUDA.")
     chat_template: str | None = Field(None, description="Declare a chat template for a student whose tokenizer has none: a Jinja string or a .jinja/.j2 file. Without one such a student is refused (never a silent fallback).")
 

@@ -155,7 +155,7 @@ def _cut_into(gguf: Path, drop_layers: list[int] | str, out: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     log.info("Cutting the student from %s (dropping layers %s) into %s.", gguf.name, drop_layers, out)
     kept = remove_layers(model, drop_layers)
-    # A GGUF-loaded model refuses to save or train until the quantizer marks are cleared (ENVIRONMENT.md).
+    # A GGUF-loaded model refuses to save or train until the quantizer marks are cleared (transformers 5 refuses 'quantized with gguf').
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
