@@ -267,6 +267,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train_run(Path(args.run_dir))
 
 
+def _add_data_source(p: argparse.ArgumentParser, verb: str, example: str) -> None:
+    """The data source and overrides shared by `ablate` and `study`: a run's data and config, or a file + profile."""
+    p.add_argument("--run-id", help="use this run's accepted data and saved config")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--data", help=f"an accepted.parquet to {verb} instead of a run's (config from --profile)")
+    p.add_argument("--profile", default=None, help="profile for --data (default: cpu-demo)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a config key, e.g. {example} (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distill", description="Distil a teacher LLM into a small student through synthetic data.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -334,12 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_train)
 
     a = sub.add_parser("ablate", help="logit-distillation ablation over T x alpha, and distillation methods per layer cut")
-    a.add_argument("--run-id", help="use this run's accepted data and saved config")
-    a.add_argument("--runs-dir", default="runs")
-    a.add_argument("--data", help="an accepted.parquet to train on instead of a run's (config from --profile)")
-    a.add_argument("--profile", default=None, help="profile for --data (default: cpu-demo)")
-    a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set evaluate.limit=100 (repeatable)")
+    _add_data_source(a, "train on", "--set evaluate.limit=100")
     a.add_argument("--out", help="output folder (default: the run's ablation/, or ./ablation)")
     a.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True, help="train the T x alpha grid")
     a.add_argument("--temperatures", default="1,2,3,5,10,20")
@@ -357,12 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("study", help="one report on three questions: distilled vs gold data, where adapters help, "
                                       "how many layers can go (paired verdicts, resumable cells)")
-    st.add_argument("--run-id", help="use this run's accepted data and saved config")
-    st.add_argument("--runs-dir", default="runs")
-    st.add_argument("--data", help="an accepted.parquet to study instead of a run's (config from --profile)")
-    st.add_argument("--profile", default=None, help="profile for --data (default: cpu-demo)")
-    st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config key for every cell, e.g. --set train.max_steps=32 (repeatable)")
+    _add_data_source(st, "study", "--set train.max_steps=32")
     st.add_argument("--budget", choices=["small", "profile"], default="small",
                     help="small (default): a CPU-sized budget (train.max_steps=16, 30 eval items, 64 new tokens) "
                          "under your --set keys; profile: the config's own settings")
