@@ -77,3 +77,9 @@ def test_share_of_answers_that_hit_the_token_limit_is_scored_and_reported(tmp_pa
     md = (tmp_path / "report.md").read_text()
     assert "hit token limit" in md and "| 75% |" in md and "| 0% |" in md
     assert "used all 8 new tokens" in md
+    from pipeline.cli import verdict_lines
+    from pipeline.report import set_headline
+
+    lines = verdict_lines({"dev": set_headline({"items": 4, **summary})})
+    assert any(line.split()[:4] == ["hit", "the", "token", "limit"] and "raw 75%" in line and "teacher 0%" in line
+               for line in lines)
