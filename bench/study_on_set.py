@@ -1,0 +1,98 @@
+"""Re-score a finished `distill study`'s trained students on another eval set, without training anything.
+
+A study scores every cell on one eval set (evaluate.eval_set). Whether a gain carries over to instructions of a
+different kind is the next question a skeptic asks; this answers it from the cells' saved adapters: the teacher,
+the raw student and every trained cell of the configured student's own cut answer the items of --eval-set, and
+each trained cell is compared with the raw student by the paired bootstrap, beside the share of answers that hit
+the token limit.
+
+    python bench/study_on_set.py --study runs/study-teach255 --eval-set data/self_instruct_heldout.jsonl \\
+        --profile cpu-demo --max-new-tokens 64
+
+Prints JSON; writes study_on_<set>.json and .md into --study.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--study", required=True, help="the study's output folder (with cells/)")
+    ap.add_argument("--eval-set", required=True, help="Alpaca/Self-Instruct JSON(L) eval file")
+    ap.add_argument("--profile", default="cpu-demo", help="profile whose teacher and student the study used")
+    ap.add_argument("--set", action="append", default=[], help="config override, e.g. teacher.n_threads=2")
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=25)
+    ap.add_argument("--samples", type=int, default=2000)
+    args = ap.parse_args()
+
+    from pipeline.config import load_config
+    from pipeline.evaluate import load_eval_set, score_contender
+    from pipeline.evaluate.contenders import student_answers, teacher_answers
+    from pipeline.evaluate.metrics import hit_limit_share, paired_difference
+    from pipeline.models import resolve_student
+    from pipeline.stages import teacher_cache_path
+    from pipeline.store import atomic_write_json, atomic_write_text
+    from pipeline.teachers import make_teacher
+
+    study = Path(args.study)
+    cfg = load_config(profile=args.profile, overrides=args.set)
+    items = load_eval_set(Path(args.eval_set), args.limit)
+    student_dir = resolve_student(cfg.student.source, cfg.student.drop_layers, cfg.student.cut_from)
+    cache_dir = study / "cache"
+    rows: dict[str, dict] = {}
+
+    teacher = make_teacher(cfg.teacher, teacher_cache_path(cfg))
+    try:
+        t = teacher_answers(teacher, items, args.max_new_tokens)
+    finally:
+        teacher.close()
+    rows["teacher"] = {"answers": t["answers"], "tokens": t["answer_tokens"]}
+    raw = student_answers(student_dir, items, args.max_new_tokens, args.batch_size, label="raw student",
+                          cache_dir=cache_dir)
+    rows["raw student"] = {"answers": raw["answers"], "tokens": raw["answer_tokens"]}
+    for cell_file in sorted((study / "cells").glob("*.json")):
+        cell = json.loads(cell_file.read_text())
+        adapter = cell_file.with_suffix("") / "adapter"
+        if not adapter.is_dir():
+            continue  # raw student and teacher cells have no adapter
+        out = student_answers(student_dir, items, args.max_new_tokens, args.batch_size, adapter_dir=adapter,
+                              label=cell["label"], cache_dir=cache_dir)
+        rows[cell["label"]] = {"answers": out["answers"], "tokens": out["answer_tokens"]}
+
+    result = {"study": str(study), "eval_set": args.eval_set, "items": len(items),
+              "max_new_tokens": args.max_new_tokens, "contenders": {}}
+    base = score_contender(items, rows["raw student"]["answers"], args.samples)["per_item"]
+    for name, r in rows.items():
+        s = score_contender(items, r["answers"], args.samples)
+        entry = {"rouge_l": s["rouge_l"], "rouge_l_ci": s["rouge_l_ci"],
+                 "hit_limit": hit_limit_share(r["tokens"], args.max_new_tokens)}
+        if name not in ("teacher", "raw student"):
+            entry["vs_raw"] = paired_difference(s["per_item"], base, names=(name, "raw student"),
+                                                samples=args.samples).as_dict()
+        result["contenders"][name] = entry
+    name = Path(args.eval_set).stem
+    atomic_write_json(study / f"study_on_{name}.json", result)
+    lines = [f"Trained cells of `{study}` re-scored on `{args.eval_set}` ({len(items)} items, greedy, up to "
+             f"{args.max_new_tokens} new tokens); differences are paired bootstrap 95% intervals over the same items.",
+             "", "| contender | ROUGE-L [95% CI] | minus raw student [95% CI] | hit token limit |",
+             "| --- | --- | --- | --- |"]
+    for label, e in result["contenders"].items():
+        v = e.get("vs_raw")
+        diff = f"{v['mean']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}] {v['verdict']}" if v else ""
+        hit = f"{e['hit_limit']:.0%}" if e["hit_limit"] is not None else "n/a"
+        lines.append(f"| {label} | {e['rouge_l']:.4f} [{e['rouge_l_ci'][0]:.3f}, {e['rouge_l_ci'][1]:.3f}] | {diff} | {hit} |")
+    atomic_write_text(study / f"study_on_{name}.md", "\n".join(lines) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
