@@ -583,7 +583,9 @@ class NearDuplicateIndex:
         best, best_s = -1, 0.0
         vocab_size = len(self._vocab)
         masks = np.zeros(vocab_size, np.uint64)
-        row = np.zeros(tokens.size + 1, np.int64)
+        # The DP row spans the candidate, which may be up to 1/ratio times longer than this text (a row sized
+        # by this text alone let texts past 64 tokens write beyond it).
+        row = np.zeros(int(tokens.size / self._ratio) + 2, np.int64)
         if self._index is not None and self._frozen:
             size, rank_of, elem_of_key, tok_c, off_c, groups = self._index
             # Tokens the index has never seen get ranks past its vocabulary: they match nothing in it.
