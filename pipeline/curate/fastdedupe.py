@@ -2,12 +2,16 @@
 
 Same decisions as Alpaca's quadratic loop, bit for bit: an instruction is dropped when its ROUGE-L F
 (rouge_score's tokenizer and float formula) against any earlier kept one, seeds included, is above the
-threshold. Two exact shortcuts make it fast:
+threshold. Three exact shortcuts make it fast:
 
 - Prefix filtering: F > t needs an LCS (so a multiset overlap) above n·t/(2-t) tokens for either text of
   length n. With the (token, k-th occurrence) elements of every text sorted in one global order (rarest
   first), two texts with that much overlap share an element among their first n - need + 1 elements, so
   only texts whose prefixes share an element are ever scored. Lengths outside (n·r, n/r) are skipped too.
+  Only kept texts are indexed (each joins the index when it is kept), so a scan never meets a dropped one.
+- A 64-bit signature per text (one bit per (token, k-th occurrence) element) bounds a candidate's overlap,
+  so its LCS, before the LCS is run. On a small vocabulary most candidates share one rare word and little
+  else; without this bound their LCSs made the cost grow as N^2.
 - Bit-parallel LCS (Hyyrö 2004): for texts of up to 64 tokens one 64-bit word holds a DP row, so an LCS
   costs one add, a few logic ops per token of the other text; longer texts fall back to the plain DP.
 
