@@ -192,3 +192,22 @@ def test_rouge_l_is_rouge_scores():
     for a, b in pairs:
         expected = rouge_scorer._score_lcs(rouge_token_list(a), rouge_token_list(b)).fmeasure if a.strip() else 0.0
         assert rouge_l(a, b) == expected
+
+
+def test_signature_bound_never_hides_a_near_duplicate():
+    # The per-posting signature bound (64 bits for all of a text's (word, k-th occurrence) elements) skips the
+    # LCS of most candidates. Adversarial for it: a six-word vocabulary, so words repeat within a text, signature
+    # bits collide and long texts fill all 64 bits; lengths from 1 to 90 tokens cross the 64-token LCS path.
+    rng = random.Random(19)
+    words = ["ab", "cd", "ef", "gh", "ij", "kl"]
+    texts = []
+    for _ in range(300):
+        if texts and rng.random() < 0.4:
+            texts.append(near_duplicate_of(rng.choice(texts), rng))
+        else:
+            texts.append(" ".join(rng.choices(words, k=rng.choice((1, 3, 7, 12, 20, 40, 70, 90)))))
+    for threshold in (0.7, 0.9):
+        reference = alpaca_loop(texts, [], threshold, bag_bound=True)
+        assert list(dedupe_texts(texts, [], threshold).kept) == reference, threshold
+        assert incremental_index(texts, [], threshold) == reference, threshold
+        assert 30 < reference.count(False) < 270  # both decisions are well represented

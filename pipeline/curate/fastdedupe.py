@@ -2,12 +2,16 @@
 
 Same decisions as Alpaca's quadratic loop, bit for bit: an instruction is dropped when its ROUGE-L F
 (rouge_score's tokenizer and float formula) against any earlier kept one, seeds included, is above the
-threshold. Two exact shortcuts make it fast:
+threshold. Three exact shortcuts make it fast:
 
 - Prefix filtering: F > t needs an LCS (so a multiset overlap) above n·t/(2-t) tokens for either text of
   length n. With the (token, k-th occurrence) elements of every text sorted in one global order (rarest
   first), two texts with that much overlap share an element among their first n - need + 1 elements, so
   only texts whose prefixes share an element are ever scored. Lengths outside (n·r, n/r) are skipped too.
+  Only kept texts are indexed (each joins the index when it is kept), so a scan never meets a dropped one.
+- A 64-bit signature per text (one bit per (token, k-th occurrence) element) bounds a candidate's overlap,
+  so its LCS, before the LCS is run. On a small vocabulary most candidates share one rare word and little
+  else; without this bound their LCSs made the cost grow as N^2.
 - Bit-parallel LCS (Hyyrö 2004): for texts of up to 64 tokens one 64-bit word holds a DP row, so an LCS
   costs one add, a few logic ops per token of the other text; longer texts fall back to the plain DP.
 
@@ -67,107 +71,141 @@ def encode(texts: Sequence[str], vocab: dict[str, int] | None = None) -> Encoded
 
 
 def _element_ids(ranks: np.ndarray, offsets: np.ndarray, ratio: float, vocab_size: int):
-    """Per text its prefix elements (rarest first) as dense ids; returns (pre_off, pre_elem int32, n_elements)."""
-    pre_off, keys = _prefix_keys(ranks, offsets, ratio, vocab_size)
+    """Per text its prefix elements (rarest first) as dense ids, and its element signature;
+    returns (pre_off, pre_elem int32, n_elements, sig)."""
+    pre_off, keys, sig = _prefix_keys(ranks, offsets, ratio, vocab_size)
     elems, inverse = np.unique(keys, return_inverse=True)
     del keys
-    return pre_off, inverse.astype(np.int32), len(elems)
+    return pre_off, inverse.astype(np.int32), len(elems), sig
+
+
+@njit(cache=True)
+def _prefix_length(m, ratio):
+    """Prefix elements a text of m tokens is indexed and probed with: any pair that can pass shares one of them."""
+    if m == 0:
+        return 0
+    need = np.int64(np.floor(m * ratio)) + 1
+    return max(1, m - need + 1)
+
+
+@njit(cache=True)
+def _element_bit(rank, k):
+    # One of 64 bits per element (token rank, k-th occurrence of it); any fixed function keeps the bound exact.
+    h = (np.uint64(rank) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15) ^ np.uint64(k) * np.uint64(0xC2B2AE3D27D4EB4F)
+    return np.uint64(1) << (h >> np.uint64(58))
+
+
+@njit(cache=True)
+def _signature(seq):
+    """64-bit signature of a text's elements (seq: its token ranks, sorted), for `_overlap_bound`."""
+    sig = np.uint64(0)
+    k = 0
+    for j in range(seq.size):
+        k = k + 1 if j > 0 and seq[j] == seq[j - 1] else 0
+        sig |= _element_bit(seq[j], k)
+    return sig
+
+
+@njit(cache=True)
+def _overlap_bound(sig_a, la, sig_b, lb):
+    """An upper bound on the multiset overlap of two texts (so on their LCS) from their signatures.
+
+    Every bit set in b but not in a comes from at least one element of b that a lacks, and distinct bits from
+    distinct elements, so b shares at most lb - popcount(b & ~a) elements with a; the same from a's side.
+    Exact whatever the hash; it prunes the many candidates that share one rare word and little else.
+    """
+    return min(lb - _popcount(sig_b & ~sig_a), la - _popcount(sig_a & ~sig_b))
 
 
 @njit(cache=True)
 def _prefix_keys(ranks, offsets, ratio, vocab_size):
-    """Per text: its prefix elements as int64 keys (k-1)*V + rank, rarest first."""
+    """Per text: its prefix elements as int64 keys (k-1)*V + rank, rarest first, and its signature."""
     n = offsets.size - 1
     plen = np.zeros(n, np.int64)
     for i in range(n):
-        m = offsets[i + 1] - offsets[i]
-        if m > 0:
-            need = np.int64(np.floor(m * ratio)) + 1
-            plen[i] = max(1, m - need + 1)
+        plen[i] = _prefix_length(offsets[i + 1] - offsets[i], ratio)
     pre_off = np.zeros(n + 1, np.int64)
     for i in range(n):
         pre_off[i + 1] = pre_off[i] + plen[i]
     keys = np.empty(pre_off[n], np.int64)
+    sig = np.zeros(n, np.uint64)
     for i in range(n):
         seq = np.sort(ranks[offsets[i]:offsets[i + 1]])
+        sig[i] = _signature(seq)
         k = 0
         for j in range(plen[i]):
-            if j > 0 and seq[j] == seq[j - 1]:
-                k += 1
-            else:
-                k = 0
+            k = k + 1 if j > 0 and seq[j] == seq[j - 1] else 0
             keys[pre_off[i] + j] = np.int64(k) * vocab_size + seq[j]
-    return pre_off, keys
+    return pre_off, keys, sig
 
 
 @njit(cache=True)
-def _build_postings(tok, offsets, pre_off, pre_elem, n_elements, tok_dtype_probe):
-    """Postings grouped by (element, text length, element's position in its text), each group in text order.
+def _build_groups(offsets, pre_off, pre_elem, n_elements):
+    """The index's layout: postings grouped by (element, text length, element's position in its text).
 
-    Each posting carries a copy of its text's tokens (post_tok), so scoring reads memory in order instead of
-    jumping to the text, and `where[j]` is the posting that prefix element j (in pre_off order) became, so a
-    text's postings can be switched on when it is kept.
+    Groups of an element are sorted by length, then position, so the length and positional filters skip whole
+    groups. Each group gets room for every text that could join it; `slot_group[j]` is the group prefix
+    element j (in pre_off order) joins when its text is kept. Postings are written only then (`_add_kept`),
+    in text order, so a scan never meets a dropped text.
     """
     n = offsets.size - 1
     m = pre_elem.size
-    # Counting sort by element; texts are visited in order, so each element's postings are in text order.
+    # Counting sort of the prefix slots by element, then a stable sort by (length, position) within each.
     start = np.zeros(n_elements + 1, np.int64)
     for j in range(m):
         start[pre_elem[j] + 1] += 1
     for e in range(n_elements):
         start[e + 1] += start[e]
     fill = start[:-1].copy()
-    post_ids = np.empty(m, np.int32)
-    where = np.empty(m, np.int64)
+    slot = np.empty(m, np.int64)
     key = np.empty(m, np.int64)  # text length, then position, as one sortable number
     for i in range(n):
         length = offsets[i + 1] - offsets[i]
         for j in range(pre_off[i], pre_off[i + 1]):
             q = fill[pre_elem[j]]
             fill[pre_elem[j]] += 1
-            post_ids[q] = i
+            slot[q] = j
             key[q] = (np.int64(length) << 32) + (j - pre_off[i])
-    # Within an element, a stable sort by (length, position) keeps text order inside each group.
     n_groups = 0
     for e in range(n_elements):
         a, b = start[e], start[e + 1]
         if b - a > 1:
-            order = np.argsort(key[a:b], kind="mergesort")
-            post_ids[a:b] = post_ids[a:b][order]
+            order = np.argsort(key[a:b])
+            slot[a:b] = slot[a:b][order]
             key[a:b] = key[a:b][order]
         for q in range(a, b):
             if q == a or key[q] != key[q - 1]:
                 n_groups += 1
-    # where[j]: the posting prefix element j of its text ended up as (the key holds the element's position).
     grp_off = np.empty(n_elements + 1, np.int64)
     grp_len = np.empty(n_groups, np.int32)
     grp_pos = np.empty(n_groups, np.int32)
     grp_start = np.empty(n_groups + 1, np.int64)
-    g = 0
+    slot_group = np.empty(m, np.int32)
+    g = -1
     for e in range(n_elements):
-        grp_off[e] = g
+        grp_off[e] = g + 1
         a, b = start[e], start[e + 1]
         for q in range(a, b):
             if q == a or key[q] != key[q - 1]:
+                g += 1
                 grp_len[g] = key[q] >> 32
                 grp_pos[g] = key[q] & 0xFFFFFFFF
                 grp_start[g] = q
-                g += 1
-            i = post_ids[q]
-            where[pre_off[i] + (key[q] & 0xFFFFFFFF)] = q
-    grp_off[n_elements] = g
+            slot_group[slot[q]] = g
+    grp_off[n_elements] = n_groups
     grp_start[n_groups] = m
-    post_tok_off = np.zeros(m + 1, np.int64)
-    for q in range(m):
-        i = post_ids[q]
-        post_tok_off[q + 1] = post_tok_off[q] + offsets[i + 1] - offsets[i]
-    post_tok = np.empty(post_tok_off[m], tok_dtype_probe.dtype)
-    for q in range(m):
-        i = post_ids[q]
-        b0 = post_tok_off[q]
-        for t in range(offsets[i + 1] - offsets[i]):
-            post_tok[b0 + t] = tok[offsets[i] + t]
-    return grp_off, grp_len, grp_pos, grp_start, post_ids, post_tok, post_tok_off, where
+    return grp_off, grp_len, grp_pos, grp_start, slot_group
+
+
+@njit(cache=True)
+def _add_kept(i, pre_off, slot_group, grp_start, grp_fill, post_ids, post_sig, sig):
+    """Append kept text i to the groups of its prefix elements (texts are kept in order: groups stay sorted)."""
+    for j in range(pre_off[i], pre_off[i + 1]):
+        g = slot_group[j]
+        q = grp_fill[g]
+        grp_fill[g] = q + 1
+        post_ids[q] = i
+        post_sig[q] = sig[i]
 
 
 @njit(cache=True)
@@ -235,14 +273,15 @@ def _rouge_f(lcs, len_target, len_prediction):
 
 
 @njit(cache=True)
-def _best_match(tok, a0, a1, q_pre_elem, c_lo, c_hi, grp_off, grp_len, grp_pos, grp_start, post_ids, post_tok,
-                post_tok_off, alive, tslack, ratio, masks, row):
-    """Best ROUGE-L F of text a (tok[a0:a1], prefix elements q_pre_elem) against the alive postings of texts c
-    with c_lo <= c < c_hi: (index or -1, score).
+def _best_match(tok, a0, a1, sig_a, q_pre_elem, c_lo, tok_c, off_c, grp_off, grp_len, grp_pos, grp_start, grp_fill,
+                post_ids, post_sig, tslack, ratio, masks, row):
+    """Best ROUGE-L F of text a (tok[a0:a1], signature sig_a, prefix elements q_pre_elem) against the indexed
+    texts c >= c_lo (tokens tok_c[off_c[c]:off_c[c+1]]): (index or -1, score).
 
-    Groups of an element are sorted by length, then position, so the length and positional filters skip whole
-    groups before any text is touched. Every posting reads only its own slots (alive flag, token copy), in
-    order: a text met through several elements is scored again, which costs less than looking it up.
+    Filters, each exact (it skips only pairs whose F cannot pass the threshold): length and position per group
+    (groups of an element are sorted by length, then position), then the signatures' overlap bound per
+    posting, read in order beside the posting; only what is left costs an LCS. A text met through several
+    elements is bounded again, which costs less than remembering it.
     """
     la = a1 - a0
     best = -1
@@ -251,22 +290,15 @@ def _best_match(tok, a0, a1, q_pre_elem, c_lo, c_hi, grp_off, grp_len, grp_pos, 
         return best, best_s
     _set_masks(tok, a0, a1, masks)
     best_num, best_den = 0, 1  # best_s as the rational 2*best_num/best_den (both sides halved below)
-    lo = la * ratio
-    hi = la / ratio
+    lo = np.int32(np.floor(la * ratio))  # candidates are longer than la*ratio ...
+    hi = la / ratio  # ... and shorter than la/ratio
     for p in range(q_pre_elem.size):
         e = q_pre_elem[p]
         if e < 0:
             continue  # an element no indexed text has
         left_q = la - p  # query elements from this one on
-        # First group with a length above lo (groups of an element are sorted by length, then position).
-        g, g_end = grp_off[e], grp_off[e + 1]
-        while g < g_end:
-            h = (g + g_end) // 2
-            if grp_len[h] <= lo:
-                g = h + 1
-            else:
-                g_end = h
         g_end = grp_off[e + 1]
+        g = grp_off[e] + np.searchsorted(grp_len[grp_off[e]:g_end], lo, side="right")
         while g < g_end:
             lb = grp_len[g]
             if lb >= hi:
@@ -279,27 +311,23 @@ def _best_match(tok, a0, a1, q_pre_elem, c_lo, c_hi, grp_off, grp_len, grp_pos, 
             if lb - grp_pos[g] < need:
                 g += 1
                 continue
-            q, q_end = grp_start[g], grp_start[g + 1]
-            if c_lo > 0:  # skip to the first text >= c_lo (the group is in text order)
-                while q < q_end:
-                    h = (q + q_end) // 2
-                    if post_ids[h] < c_lo:
-                        q = h + 1
-                    else:
-                        q_end = h
-                q_end = grp_start[g + 1]
-            for q in range(q, q_end):
+            # Postings are in text order; c_lo > 0 (texts of the current batch) wants only the tail.
+            q_start, q_end = grp_start[g], grp_fill[g]
+            if c_lo > 0:
+                q = q_end
+                while q > q_start and post_ids[q - 1] >= c_lo:
+                    q -= 1
+                q_start = q
+            for q in range(q_start, q_end):
+                ub = _overlap_bound(sig_a, la, post_sig[q], lb)
+                # F is 2*lcs/(la+lb) up to rounding, so a bound below `need`, or clearly below the best so far
+                # (by more than any rounding), rules the pair out before its LCS.
+                if ub < need or ub * best_den < best_num * (la + lb) - 1:
+                    continue
                 c = post_ids[q]
-                if c >= c_hi:
-                    break
-                if not alive[q]:
-                    continue
-                b0 = post_tok_off[q]
-                lcs = _lcs(tok, a0, a1, post_tok, b0, b0 + lb, masks, row)
-                # F is 2*lcs/(la+lb) up to rounding; when that rational is clearly below the best so far
-                # (by more than any rounding), the exact float formula and its three divisions are skipped.
+                lcs = _lcs(tok, a0, a1, tok_c, off_c[c], off_c[c] + lb, masks, row)
                 if lcs * best_den < best_num * (la + lb) - 1 or lcs == 0:
-                    continue
+                    continue  # the exact float formula and its three divisions are skipped too
                 sc = _rouge_f(lcs, la, lb)
                 if sc > best_s or (sc == best_s and best >= 0 and c < best):
                     best_s = sc
@@ -310,56 +338,52 @@ def _best_match(tok, a0, a1, q_pre_elem, c_lo, c_hi, grp_off, grp_len, grp_pos, 
     return best, best_s
 
 
-@njit(cache=True)
-def _set_alive(i, pre_off, where, alive):
-    for j in range(pre_off[i], pre_off[i + 1]):
-        alive[where[j]] = True
-
-
 @njit(cache=True, parallel=True)
-def _dedupe_kernel(tok, offsets, pre_off, pre_elem, grp_off, grp_len, grp_pos, grp_start, post_ids, post_tok,
-                   post_tok_off, where, n_kept_first, threshold, ratio, vocab_size, n_workers, batch):
+def _dedupe_kernel(tok, offsets, sig, pre_off, pre_elem, grp_off, grp_len, grp_pos, grp_start, slot_group,
+                   n_kept_first, threshold, ratio, vocab_size, n_workers, batch):
     """Alpaca's loop over the texts, the first n_kept_first texts (seeds) counted as kept.
 
-    Texts go in batches: first every text of a batch is scored against the texts decided before the batch,
-    in parallel; then, in order, against the earlier texts of its own batch. Each decision therefore sees
-    exactly the kept set Alpaca's sequential loop would. A kept text's postings are switched on as it is kept.
+    Texts go in batches: first every text of a batch is scored against the texts kept before the batch,
+    in parallel; then, in order, against the earlier kept texts of its own batch. Each decision therefore sees
+    exactly the kept set Alpaca's sequential loop would. A kept text joins the index as it is kept.
     """
     n = offsets.size - 1
     kept = np.zeros(n, np.bool_)
     nearest = np.full(n, -1, np.int32)
     score = np.zeros(n, np.float64)
-    alive = np.zeros(post_ids.size, np.bool_)
+    grp_fill = grp_start[:-1].copy()
+    post_ids = np.empty(pre_elem.size, np.int32)
+    post_sig = np.empty(pre_elem.size, np.uint64)
     masks = np.zeros((n_workers, vocab_size), np.uint64)
     maxlen = 1
     for i in range(n):
         maxlen = max(maxlen, offsets[i + 1] - offsets[i])
     rows = np.zeros((n_workers, maxlen + 1), np.int64)
     tslack = threshold - 1e-9
-    for i in range(min(n_kept_first, n)):
-        kept[i] = True
-        _set_alive(i, pre_off, where, alive)
     first = min(n_kept_first, n)
+    for i in range(first):
+        kept[i] = True
+        _add_kept(i, pre_off, slot_group, grp_start, grp_fill, post_ids, post_sig, sig)
     for s in range(first, n, batch):
         e = min(s + batch, n)
-        per = (e - s + n_workers - 1) // n_workers
+        # Worker w takes texts s+w, s+w+W, ...: neighbours cost about the same, so the load evens out.
         for w in prange(n_workers):
-            for i in range(s + w * per, min(s + (w + 1) * per, e)):
-                b, bs = _best_match(tok, offsets[i], offsets[i + 1], pre_elem[pre_off[i]:pre_off[i + 1]], 0, s,
-                                    grp_off, grp_len, grp_pos, grp_start, post_ids, post_tok, post_tok_off, alive,
+            for i in range(s + w, e, n_workers):
+                b, bs = _best_match(tok, offsets[i], offsets[i + 1], sig[i], pre_elem[pre_off[i]:pre_off[i + 1]], 0,
+                                    tok, offsets, grp_off, grp_len, grp_pos, grp_start, grp_fill, post_ids, post_sig,
                                     tslack, ratio, masks[w], rows[w])
                 nearest[i] = b
                 score[i] = bs
         for i in range(s, e):
-            b, bs = _best_match(tok, offsets[i], offsets[i + 1], pre_elem[pre_off[i]:pre_off[i + 1]], s, i,
-                                grp_off, grp_len, grp_pos, grp_start, post_ids, post_tok, post_tok_off, alive,
+            b, bs = _best_match(tok, offsets[i], offsets[i + 1], sig[i], pre_elem[pre_off[i]:pre_off[i + 1]], s,
+                                tok, offsets, grp_off, grp_len, grp_pos, grp_start, grp_fill, post_ids, post_sig,
                                 tslack, ratio, masks[0], rows[0])
             if bs > score[i]:  # ties keep the earlier text, from before the batch
                 nearest[i] = b
                 score[i] = bs
             kept[i] = not (score[i] > threshold)
             if kept[i]:
-                _set_alive(i, pre_off, where, alive)
+                _add_kept(i, pre_off, slot_group, grp_start, grp_fill, post_ids, post_sig, sig)
     return kept, nearest, score
 
 
@@ -397,11 +421,6 @@ def _frequency_ranks(tokens: np.ndarray, vocab_size: int) -> tuple[np.ndarray, n
     return rank_of[tokens], rank_of
 
 
-def _token_dtype(vocab_size: int):
-    # Token copies in the postings are the biggest array at ten million texts: 2 bytes each when they fit.
-    return np.zeros(1, np.uint16 if vocab_size <= 65536 else np.int32)
-
-
 def _workers(workers: int | None) -> int:
     import numba
 
@@ -420,13 +439,12 @@ def dedupe_encoded(enc: Encoded, n_kept_first: int = 0, threshold: float = 0.7,
     ratio = slack_ratio(threshold)
     vocab_size = max(len(enc.vocab), int(enc.tokens.max()) + 1 if enc.tokens.size else 1)
     ranks, _ = _frequency_ranks(enc.tokens, vocab_size)
-    pre_off, pre_elem, n_elements = _element_ids(ranks, enc.offsets, ratio, vocab_size)
-    index = _build_postings(ranks, enc.offsets, pre_off, pre_elem, n_elements, _token_dtype(vocab_size))
-    grp_off, grp_len, grp_pos, grp_start, post_ids, post_tok, post_tok_off, where = index
+    pre_off, pre_elem, n_elements, sig = _element_ids(ranks, enc.offsets, ratio, vocab_size)
+    grp_off, grp_len, grp_pos, grp_start, slot_group = _build_groups(enc.offsets, pre_off, pre_elem, n_elements)
     with _KERNEL_LOCK:
-        kept, nearest, score = _dedupe_kernel(ranks, enc.offsets, pre_off, pre_elem, grp_off, grp_len, grp_pos,
-                                              grp_start, post_ids, post_tok, post_tok_off, where, n_kept_first,
-                                              float(threshold), ratio, vocab_size, workers, batch)
+        kept, nearest, score = _dedupe_kernel(ranks, enc.offsets, sig, pre_off, pre_elem, grp_off, grp_len, grp_pos,
+                                              grp_start, slot_group, n_kept_first, float(threshold), ratio,
+                                              vocab_size, workers, batch)
     return DedupeResult(kept, nearest, score)
 
 
@@ -493,31 +511,33 @@ def _best_in_tail(tok, a0, a1, tail_tok, tail_off, ratio, masks, row):
 
 @njit(cache=True)
 def _query_elements(ranks, ratio, elem_of_key, vocab_size):
-    """Prefix elements of one text under the index's order, as the index's element ids (-1: not indexed)."""
-    m = ranks.size
-    need = np.int64(np.floor(m * ratio)) + 1
-    plen = max(1, m - need + 1) if m > 0 else 0
+    """Prefix elements of one text under the index's order, as the index's element ids (-1: not indexed),
+    and its signature."""
     seq = np.sort(ranks)
-    out = np.full(plen, -1, np.int64)
+    plen = _prefix_length(ranks.size, ratio)
+    keys = np.empty(plen, np.int64)
     k = 0
     for j in range(plen):
-        if j > 0 and seq[j] == seq[j - 1]:
-            k += 1
-        else:
-            k = 0
-        if seq[j] >= vocab_size:
-            continue  # a token the index has never seen: no indexed text shares it
-        key = np.int64(k) * vocab_size + seq[j]
-        lo, hi = 0, elem_of_key.size
-        while lo < hi:
-            h = (lo + hi) // 2
-            if elem_of_key[h] < key:
-                lo = h + 1
-            else:
-                hi = h
-        if lo < elem_of_key.size and elem_of_key[lo] == key:
-            out[j] = lo
-    return out
+        k = k + 1 if j > 0 and seq[j] == seq[j - 1] else 0
+        keys[j] = np.int64(k) * vocab_size + seq[j]
+    at = np.searchsorted(elem_of_key, keys)
+    out = np.full(plen, -1, np.int64)
+    for j in range(plen):
+        # A token the index has never seen (rank >= vocab_size) matches no indexed text.
+        if seq[j] < vocab_size and at[j] < elem_of_key.size and elem_of_key[at[j]] == keys[j]:
+            out[j] = at[j]
+    return out, _signature(seq)
+
+
+@njit(cache=True)
+def _index_all(pre_off, slot_group, grp_start, sig):
+    """Postings of every text of a frozen index (all of them kept)."""
+    grp_fill = grp_start[:-1].copy()
+    post_ids = np.empty(pre_off[-1], np.int32)
+    post_sig = np.empty(pre_off[-1], np.uint64)
+    for i in range(pre_off.size - 1):
+        _add_kept(i, pre_off, slot_group, grp_start, grp_fill, post_ids, post_sig, sig)
+    return grp_fill, post_ids, post_sig
 
 
 class NearDuplicateIndex:
@@ -550,12 +570,13 @@ class NearDuplicateIndex:
         np.cumsum([t.size for t in self._tokens], out=offsets[1:])
         tokens = np.concatenate(self._tokens) if n else np.zeros(0, np.int32)
         ranks, rank_of = _frequency_ranks(tokens, vocab_size)
-        pre_off, keys = _prefix_keys(ranks, offsets, self._ratio, vocab_size)
+        pre_off, keys, sig = _prefix_keys(ranks, offsets, self._ratio, vocab_size)
         elem_of_key, pre_elem = np.unique(keys, return_inverse=True)
-        index = _build_postings(ranks, offsets, pre_off, pre_elem.astype(np.int32), len(elem_of_key),
-                                _token_dtype(vocab_size))
-        alive = np.ones(len(pre_elem), np.bool_)
-        self._index = (vocab_size, rank_of, elem_of_key, index, alive)
+        grp_off, grp_len, grp_pos, grp_start, slot_group = _build_groups(offsets, pre_off, pre_elem.astype(np.int32),
+                                                                         len(elem_of_key))
+        grp_fill, post_ids, post_sig = _index_all(pre_off, slot_group, grp_start, sig)
+        groups = (grp_off, grp_len, grp_pos, grp_start, grp_fill, post_ids, post_sig)
+        self._index = (vocab_size, rank_of, elem_of_key, ranks, offsets, groups)
         self._frozen = n
 
     def check(self, text: str) -> tuple[Verdict, np.ndarray]:
@@ -566,17 +587,17 @@ class NearDuplicateIndex:
         best, best_s = -1, 0.0
         vocab_size = len(self._vocab)
         masks = np.zeros(vocab_size, np.uint64)
-        row = np.zeros(tokens.size + 1, np.int64)
+        # The DP row spans the candidate, which may be up to 1/ratio times longer than this text (a row sized
+        # by this text alone let texts past 64 tokens write beyond it).
+        row = np.zeros(int(tokens.size / self._ratio) + 2, np.int64)
         if self._index is not None and self._frozen:
-            size, rank_of, elem_of_key, index, alive = self._index
-            grp_off, grp_len, grp_pos, grp_start, post_ids, post_tok, post_tok_off, _ = index
+            size, rank_of, elem_of_key, tok_c, off_c, groups = self._index
             # Tokens the index has never seen get ranks past its vocabulary: they match nothing in it.
             ranks = np.where(tokens < size, rank_of[np.minimum(tokens, size - 1)], size + tokens).astype(np.int32)
             masks = np.zeros(max(size, int(ranks.max()) + 1), np.uint64)
-            elems = _query_elements(ranks, self._ratio, elem_of_key, size)
-            best, best_s = _best_match(ranks, 0, ranks.size, elems, 0, self._frozen, grp_off, grp_len, grp_pos,
-                                       grp_start, post_ids, post_tok, post_tok_off, alive, self.threshold - 1e-9,
-                                       self._ratio, masks, row)
+            elems, sig = _query_elements(ranks, self._ratio, elem_of_key, size)
+            best, best_s = _best_match(ranks, 0, ranks.size, np.uint64(sig), elems, 0, tok_c, off_c, *groups,
+                                       self.threshold - 1e-9, self._ratio, masks, row)
             masks = np.zeros(vocab_size, np.uint64)
         tail = self._tokens[self._frozen:]
         if tail:
