@@ -226,15 +226,19 @@ class Ledger:
         what = "request" if len(reqs) == 1 else f"batch of {len(reqs)} requests"
         worst = (f"{bounds[0][0]} prompt + {bounds[0][1]} completion tokens" if len(reqs) == 1 else
                  f"{sum(i for i, _ in bounds)} prompt + {sum(o for _, o in bounds)} completion tokens")
-        hold_id = hold_id or uuid.uuid4().hex
+        taken_over, hold_id = hold_id is not None, hold_id or uuid.uuid4().hex
+        capped = check and (self.budget_usd is not None or self.budget_tokens is not None)
         with self._shared["lock"]:
             c = self._conn
             c.execute("BEGIN IMMEDIATE")
             try:
-                c.execute("DELETE FROM holds WHERE id=?", (hold_id,))  # a batch job's earlier hold, taken over
-                spent_usd, spent_tok = self._spent()
+                if taken_over:
+                    c.execute("DELETE FROM holds WHERE id=?", (hold_id,))  # a batch job's earlier hold, taken over
+                # Without a cap (or with money already committed: a submitted batch job) there is nothing to add
+                # up; the hold is still written, so a killed run's calls in flight stay counted.
+                spent_usd, spent_tok = self._spent() if capped else (0.0, 0)
                 refused = None
-                if not check:  # money already committed (a submitted batch job): hold it, whatever is left
+                if not capped:
                     pass
                 elif self.budget_usd is not None and spent_usd + usd > self.budget_usd:
                     refused = ("teacher.budget_usd", f"the next {what} could cost up to ${usd:.4f} ({worst} at most, "
