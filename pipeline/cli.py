@@ -114,6 +114,9 @@ def verdict_lines(sets: dict) -> list[str]:
         k = s.get("keeps_of_teacher") or {}
         if k.get("ratio") is not None and k["ratio"] == k["ratio"]:
             lines.append(f"  {'keeps of the teacher':<21} {k['ratio']:.0%} [{k['lo']:.0%}, {k['hi']:.0%}]")
+        hit = {k: v for k, v in (s.get("hit_limit") or {}).items() if v is not None}
+        if hit:
+            lines.append(f"  {'hit the token limit':<21} " + "  ".join(f"{_SHORT.get(k, k)} {v:.0%}" for k, v in hit.items()))
     return lines
 
 

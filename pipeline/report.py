@@ -99,6 +99,7 @@ def set_headline(ev: dict[str, Any]) -> dict[str, Any]:
     paired = ev.get("paired") or {}
     return {"items": ev.get("items"), "eval_set": ev.get("eval_set"),
             "rouge_l": {k: ev[k].get("rouge_l") for k, _ in contenders(ev)},
+            "hit_limit": {k: ev[k].get("hit_limit") for k, _ in contenders(ev)},
             "paired": {k: {f: v.get(f) for f in ("mean", "lo", "hi", "n", "verdict", "n_needed", "sentence")}
                        for k, v in paired.items() if k != "keeps_of_teacher"},
             "keeps_of_teacher": paired.get("keeps_of_teacher")}
@@ -111,7 +112,8 @@ def contender_table(ev: dict[str, Any]) -> list[str]:
     for m, title, digits, _ in METRICS:
         if present(m):
             cols.append((f"{title} [95% CI]", lambda e, m=m, d=digits: _ci(e, m, d)))
-    extra = [("runtime", "runtime", lambda e: e.get("runtime") or "–"),
+    extra = [("hit_limit", "hit token limit", lambda e: f"{e['hit_limit']:.0%}" if e.get("hit_limit") is not None else "–"),
+             ("runtime", "runtime", lambda e: e.get("runtime") or "–"),
              ("params", "params", lambda e: f"{e['params'] / 1e6:.1f} M" if e.get("params") else "–"),
              ("disk_bytes", "disk", lambda e: f"{e['disk_bytes'] / 2**20:.0f} MB" if e.get("disk_bytes") else "–"),
              ("tokens_per_s", "tokens/s", lambda e: _fmt(e.get("tokens_per_s"), 1)),
@@ -237,6 +239,9 @@ def evaluation_section(ev: dict[str, Any], plots: dict[str, str]) -> list[str]:
     if any(ev[k].get("perplexity") is not None for k, _ in contenders(ev)):
         lines += ["", "Reference perplexity: exp of the mean negative log-likelihood per token of the reference answers "
                       "(response tokens and end-of-turn only) under each student; lower is better."]
+    if any(ev[k].get("hit_limit") is not None for k, _ in contenders(ev)):
+        lines += ["", f"Hit token limit: the share of answers that used all {ev.get('max_new_tokens', '?')} new tokens "
+                      f"instead of stopping (a model that rambles past where an answer ends)."]
     lines += _speed_note(ev)
     cat = category_table(ev)
     if cat:

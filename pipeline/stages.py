@@ -310,7 +310,8 @@ def evaluate_stage(run: Run) -> dict[str, Any]:
         for spec, its in sets:
             part = {name: _items_slice(c, start, start + len(its)) for name, c in contenders.items()}
             start += len(its)
-            scores, set_rows = score_contenders(its, part, judge, ev.judge_baseline, ev.bootstrap_samples)
+            scores, set_rows = score_contenders(its, part, judge, ev.judge_baseline, ev.bootstrap_samples,
+                                                max_new_tokens=ev.max_new_tokens)
             per_set[spec.name] = {"eval_set": str(spec.path), "items": len(its), **scores,
                                   "paired": paired_verdicts(set_rows, list(part), ev.bootstrap_samples)}
             rows += [{"eval_set": spec.name, **r} for r in set_rows]
@@ -330,7 +331,8 @@ def evaluate_stage(run: Run) -> dict[str, Any]:
 
 def _items_slice(contender: dict[str, Any], lo: int, hi: int) -> dict[str, Any]:
     """One set's share of a contender's answers: per-item lists cut to [lo, hi), everything else as is."""
-    return {k: v[lo:hi] if k in ("answers", "nll") and isinstance(v, list) else v for k, v in contender.items()}
+    return {k: v[lo:hi] if k in ("answers", "nll", "answer_tokens") and isinstance(v, list) else v
+            for k, v in contender.items()}
 
 
 def _gold_note(gold: dict[str, Any]) -> dict[str, Any]:

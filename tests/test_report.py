@@ -60,3 +60,26 @@ def test_report_without_judge_or_students_still_renders(tmp_path):
     write_report(tmp_path, {"evaluation": {"items": 3, "teacher": _contender(float("nan"), [float("nan")] * 2)}})
     md = (tmp_path / "report.md").read_text()
     assert "| Teacher |" in md and "win rate" not in md
+
+
+def test_share_of_answers_that_hit_the_token_limit_is_scored_and_reported(tmp_path):
+    from pipeline.evaluate.bench import score_contenders
+    from pipeline.evaluate.evalsets import EvalItem
+
+    items = [EvalItem(id=f"i{k}", instruction=f"Say {k}.", input="", reference=f"number {k}") for k in range(4)]
+    contenders = {"teacher": {"answers": ["number 0", "number 1", "number 2", "number 3"], "answer_tokens": [2, 2, 2, None]},
+                  "raw_student": {"answers": ["a"] * 4, "answer_tokens": [8, 8, 3, 8]}}
+    summary, rows = score_contenders(items, contenders, samples=50, max_new_tokens=8)
+    assert summary["teacher"]["hit_limit"] == 0.0
+    assert summary["raw_student"]["hit_limit"] == 0.75  # three of four answers used all 8 tokens
+    assert rows[0]["raw_student_tokens"] == 8 and rows[3]["teacher_tokens"] is None
+    write_report(tmp_path, {"evaluation": {"items": 4, "max_new_tokens": 8, **summary}})
+    md = (tmp_path / "report.md").read_text()
+    assert "hit token limit" in md and "| 75% |" in md and "| 0% |" in md
+    assert "used all 8 new tokens" in md
+    from pipeline.cli import verdict_lines
+    from pipeline.report import set_headline
+
+    lines = verdict_lines({"dev": set_headline({"items": 4, **summary})})
+    assert any(line.split()[:4] == ["hit", "the", "token", "limit"] and "raw 75%" in line and "teacher 0%" in line
+               for line in lines)

@@ -55,6 +55,17 @@ def test_lora_placement_reaches_the_adapter(student, tmp_path):
     assert {n.rsplit(".", 1)[-1] for n in wrapped} == {"q_proj", "k_proj", "v_proj", "o_proj"}
 
 
+def test_all_linear_on_some_layers_wraps_every_linear_of_those_layers_only(student, tmp_path):
+    # peft refuses layers_to_transform with target_modules="all-linear" (the default target): a study's Q2 layer
+    # cells crashed on it. The names are spelled out from the decoder's own linear modules instead.
+    cfg = TrainConfig(max_steps=1, max_length=64, padding_free="off", lora_layers="early")
+    trainer, _ = build_trainer(student, records(), cfg, tmp_path)
+    wrapped = {n.split(".lora_A")[0] for n, _ in trainer.model.named_parameters() if ".lora_A" in n}
+    assert wrapped and all(".layers.0." in n for n in wrapped)
+    assert {n.rsplit(".", 1)[-1] for n in wrapped} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                      "up_proj", "down_proj"}
+
+
 def test_hidden_state_loss_matches_hand_computation():
     s = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
     t = torch.tensor([[[2.0, 0.0], [1.0, 0.0]]])

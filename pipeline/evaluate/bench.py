@@ -11,7 +11,7 @@ from typing import Any
 from pipeline.evaluate.contenders import perplexity_summary, student_answers
 from pipeline.errors import InputFileError, ModelNotFoundError
 from pipeline.evaluate.evalsets import EvalItem, load_eval_set
-from pipeline.evaluate.metrics import bootstrap_ci, rouge_l
+from pipeline.evaluate.metrics import bootstrap_ci, hit_limit_share, rouge_l
 from pipeline.store import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("distill")
@@ -32,8 +32,10 @@ def gguf_params(path: Path) -> int | None:
 
 
 def score_contenders(items: list[EvalItem], contenders: dict[str, dict[str, Any]], judge=None,
-                     judge_baseline: str = "reference", samples: int = 1000) -> tuple[dict[str, Any], list[dict]]:
-    """ROUGE-L, judge win rates, perplexity and speed/size ratios per contender; returns (summary, per-item rows)."""
+                     judge_baseline: str = "reference", samples: int = 1000, max_new_tokens: int | None = None
+                     ) -> tuple[dict[str, Any], list[dict]]:
+    """ROUGE-L, judge win rates, perplexity, speed/size ratios and the share of answers that ran into
+    max_new_tokens (a model that never stops) per contender; returns (summary, per-item rows)."""
     from pipeline.evaluate.judge import judge_pairs
 
     rows = [{"id": it.id, "instruction": it.instruction, "input": it.input, "reference": it.reference,
@@ -55,9 +57,14 @@ def score_contenders(items: list[EvalItem], contenders: dict[str, dict[str, Any]
             s.update(j)
         if c.get("nll") is not None:
             s.update(perplexity_summary(c["nll"], samples))
+        tokens = c.get("answer_tokens")
+        if tokens is not None and max_new_tokens:
+            s["hit_limit"] = hit_limit_share(tokens, max_new_tokens)
         for k, row in enumerate(rows):
             row[name] = answers[k]
             row[f"{name}_rouge_l"] = rouge[k]
+            if tokens is not None:
+                row[f"{name}_tokens"] = tokens[k]
             if prefs is not None:
                 row[f"{name}_judge"] = prefs[k]
         s["by_category"] = _by_category(items, rouge, prefs)
@@ -125,7 +132,8 @@ def evaluate_model(model: str | Path, adapter: str | Path | None, eval_files: li
             name = _unique(Path(f).stem, sets)
             c = student_answers(Path(model), items, max_new_tokens, batch_size, adapter_dir=adapter_dir, label=label,
                                 cache_dir=cache_dir, perplexity=perplexity)
-            summary, rows = score_contenders(items, {label: c}, judge, judge_baseline, samples)
+            summary, rows = score_contenders(items, {label: c}, judge, judge_baseline, samples,
+                                             max_new_tokens=max_new_tokens)
             summary = {"eval_set": str(f), "items": len(items), "max_new_tokens": max_new_tokens, **summary}
             write_outputs(out_dir / name, summary, rows)
             sets[name] = summary

@@ -18,6 +18,13 @@ def rouge_l(prediction: str, reference: str) -> float:
     return _SCORER.score(reference, prediction)["rougeL"].fmeasure
 
 
+def hit_limit_share(tokens: list[int | None], limit: int) -> float | None:
+    """Share of answers that used every one of `limit` new tokens: they ran into the cap instead of stopping
+    (answers whose length is unknown, e.g. failed teacher calls, are left out)."""
+    known = [t for t in tokens if t is not None]
+    return sum(1 for t in known if t >= limit) / len(known) if known else None
+
+
 def bootstrap_ci(values: list[float], samples: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
     """Mean and percentile bootstrap interval of the mean (NaNs ignored)."""
     arr = np.asarray([v for v in values if v == v], dtype=float)

@@ -30,6 +30,7 @@ def _score(student_dir: Path, adapter_dir: Path | None, cfg: RunConfig) -> dict[
     the share of answers that hit evaluate.max_new_tokens (a student that never stops)."""
     from pipeline.evaluate import load_eval_set, score_contender
     from pipeline.evaluate.contenders import perplexity_summary, student_answers
+    from pipeline.evaluate.metrics import hit_limit_share
 
     ev = cfg.evaluate
     items = load_eval_set(ev.eval_set, ev.limit)
@@ -38,15 +39,10 @@ def _score(student_dir: Path, adapter_dir: Path | None, cfg: RunConfig) -> dict[
     scores = score_contender(items, answers["answers"], ev.bootstrap_samples)
     out = {"rouge_l": scores["rouge_l"], "rouge_l_ci": scores["rouge_l_ci"], "items": len(items),
            "item_ids": [it.id for it in items], "per_item": scores["per_item"], "params": answers["params"],
-           "hit_limit": _hit_limit(answers["answer_tokens"], ev.max_new_tokens)}
+           "hit_limit": hit_limit_share(answers["answer_tokens"], ev.max_new_tokens)}
     if ev.perplexity:
         out.update(perplexity_summary(answers["nll"], ev.bootstrap_samples))
     return out
-
-
-def _hit_limit(tokens: list[int | None], limit: int) -> float | None:
-    known = [t for t in tokens if t is not None]
-    return sum(1 for t in known if t >= limit) / len(known) if known else None
 
 
 def _cell(out_dir: Path, name: str, work: Callable[[Path], dict[str, Any]], saved_only: bool = False

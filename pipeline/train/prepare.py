@@ -113,16 +113,27 @@ def lora_layer_indices(spec: str, n_layers: int) -> list[int] | None:
     return layers
 
 
-def lora_config(cfg: TrainConfig, n_layers: int):
+def decoder_linear_names(model) -> list[str]:
+    """Leaf names of the linear modules inside the decoder layers (q_proj, ..., down_proj for Llama-style models):
+    what peft's "all-linear" wraps there, spelled out, because peft accepts layers_to_transform only with a list."""
+    import torch
+
+    layers = model.get_decoder().layers
+    return sorted({name.rsplit(".", 1)[-1] for name, m in layers.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
+def lora_config(cfg: TrainConfig, model):
     """The LoRA adapter's placement (modules and layers) and size; None for full fine-tuning."""
     from peft import LoraConfig
 
     if cfg.finetune == "full":
         return None, None
-    layers = lora_layer_indices(cfg.lora_layers, n_layers)
+    layers = lora_layer_indices(cfg.lora_layers, model.config.num_hidden_layers)
+    targets = lora_target_modules(cfg.lora_target)
+    if layers is not None and targets == "all-linear":
+        targets = decoder_linear_names(model)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=lora_target_modules(cfg.lora_target), layers_to_transform=layers,
-                      task_type="CAUSAL_LM")
+                      target_modules=targets, layers_to_transform=layers, task_type="CAUSAL_LM")
     return lora, layers
 
 
@@ -196,7 +207,7 @@ def prepare(student_dir: Path, records: list[Record], cfg: TrainConfig, out_dir:
             raise DistillError(f"train.hidden_loss_weight needs teacher and student of one hidden size (teacher "
                                f"{teacher.config.hidden_size}, student {model.config.hidden_size}); use a student cut "
                                f"from its teacher, or set train.hidden_loss_weight=0.")
-    lora, lora_layers = lora_config(cfg, model.config.num_hidden_layers)
+    lora, lora_layers = lora_config(cfg, model)
     return Prepared(cfg=cfg, student_dir=Path(student_dir), out_dir=Path(out_dir), records=records,
                     tokenizer=tokenizer, model=model, rows=rows, eot=end_of_turn_token(tokenizer),
                     counts=truncation_counts(tokenizer, rows, cfg.max_length), dtype=dtype, cuda=cuda,
