@@ -68,6 +68,17 @@ def test_persistent_fault_is_recorded_as_failed_and_retried_next_run(tmp_path):
         assert all(c.ok for c in teacher.generate([chat(i) for i in range(3)]))
 
 
+@pytest.mark.parametrize("max_retries,bad_bodies,tries,ok", [(2, 10, 3, False), (2, 2, 3, True), (0, 10, 1, False)])
+def test_malformed_bodies_get_max_retries_more_tries(tmp_path, max_retries, bad_bodies, tries, ok):
+    # A 200 whose body is not JSON is retried by us (not the SDK): exactly max_retries more tries, then a failure.
+    with FakeOpenAIServer(faults=("malformed",), faults_per_request=bad_bodies) as server:
+        teacher = teacher_for(server, tmp_path / "c.sqlite", max_retries=max_retries)
+        [c] = teacher.generate([chat(0)])
+        assert server.requests[request_digest(chat(0).messages)] == tries
+        assert c.ok == ok and (ok or c.error.startswith("JSONDecodeError"))
+        assert len(teacher.cache) == int(ok) and teacher.ledger.totals().failures == int(not ok)
+
+
 def test_500_requests_under_30_percent_faults_none_lost_none_duplicated(tmp_path):
     with FakeOpenAIServer(fault_rate=0.3, seed=7, timeout_sleep_s=3.0) as server:
         # A roomier timeout than the single-fault tests: on a busy box a healthy reply to 64 requests in flight

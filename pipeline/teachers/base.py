@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import sqlite3
 import threading
@@ -152,6 +153,11 @@ def worst_case_tokens(req: Request) -> tuple[int, int]:
     return prompt, req.max_tokens
 
 
+# Built once: `record` runs once per reply.
+_RECORD_SQL = (f"INSERT INTO stages VALUES (?, {', '.join('?' for _ in TALLY_FIELDS)}) ON CONFLICT(stage) "
+               f"DO UPDATE SET {', '.join(f'{k}={k}+excluded.{k}' for k in TALLY_FIELDS)}")
+_HOLD_SQL = "INSERT INTO holds VALUES (?, ?, ?, ?, ?, ?)"
+
 _LEDGER_SQL = """
 CREATE TABLE IF NOT EXISTS stages (stage TEXT PRIMARY KEY, requests INTEGER, cached INTEGER, failures INTEGER,
     tokens_in INTEGER, tokens_out INTEGER, latency_s REAL, cost_usd REAL);
@@ -186,7 +192,8 @@ class Ledger:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(_LEDGER_SQL)
-            _shared = {"conn": conn, "lock": threading.RLock(), "owner": uuid.uuid4().hex, "refused": None}
+            _shared = {"conn": conn, "lock": threading.RLock(), "owner": uuid.uuid4().hex, "refused": None,
+                       "holds": itertools.count()}
         self._shared = _shared
 
     @classmethod
@@ -223,18 +230,29 @@ class Ledger:
         bounds = [worst_case_tokens(r) for r in reqs]
         tokens = sum(i + o for i, o in bounds)
         usd = sum(self.cost(i, o) for i, o in bounds)
-        what = "request" if len(reqs) == 1 else f"batch of {len(reqs)} requests"
-        worst = (f"{bounds[0][0]} prompt + {bounds[0][1]} completion tokens" if len(reqs) == 1 else
-                 f"{sum(i for i, _ in bounds)} prompt + {sum(o for _, o in bounds)} completion tokens")
-        hold_id = hold_id or uuid.uuid4().hex
+        taken_over = hold_id is not None
+        # Unique across the processes of a run without a random draw per request: this ledger's owner id + a count.
+        hold_id = hold_id or f"{self._shared['owner']}-{next(self._shared['holds'])}"
+        row = (hold_id, reqs[0].stage if reqs else "", self._shared["owner"], tokens, usd, time.time())
+        capped = check and (self.budget_usd is not None or self.budget_tokens is not None)
         with self._shared["lock"]:
             c = self._conn
+            if not capped and not taken_over:
+                # No cap to check, no hold to take over (one request in flight, the common case): the hold is one
+                # statement, its own transaction, still written before the request is sent.
+                c.execute(_HOLD_SQL, row)
+                return hold_id
             c.execute("BEGIN IMMEDIATE")
             try:
-                c.execute("DELETE FROM holds WHERE id=?", (hold_id,))  # a batch job's earlier hold, taken over
-                spent_usd, spent_tok = self._spent()
+                if taken_over:
+                    c.execute("DELETE FROM holds WHERE id=?", (hold_id,))  # a batch job's earlier hold, taken over
+                # Money already committed (a submitted batch job) is held whatever is left: nothing to add up.
+                spent_usd, spent_tok = self._spent() if capped else (0.0, 0)
+                what = "request" if len(reqs) == 1 else f"batch of {len(reqs)} requests"
+                worst = (f"{bounds[0][0]} prompt + {bounds[0][1]} completion tokens" if len(reqs) == 1 else
+                         f"{sum(i for i, _ in bounds)} prompt + {sum(o for _, o in bounds)} completion tokens")
                 refused = None
-                if not check:  # money already committed (a submitted batch job): hold it, whatever is left
+                if not capped:
                     pass
                 elif self.budget_usd is not None and spent_usd + usd > self.budget_usd:
                     refused = ("teacher.budget_usd", f"the next {what} could cost up to ${usd:.4f} ({worst} at most, "
@@ -247,8 +265,7 @@ class Ledger:
                     c.execute("ROLLBACK")
                     self._shared["refused"] = refused
                     return None
-                c.execute("INSERT INTO holds VALUES (?, ?, ?, ?, ?, ?)",
-                          (hold_id, reqs[0].stage if reqs else "", self._shared["owner"], tokens, usd, time.time()))
+                c.execute(_HOLD_SQL, row)
                 c.execute("COMMIT")
             except BaseException:
                 if c.in_transaction:
@@ -274,9 +291,7 @@ class Ledger:
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.execute(f"INSERT INTO stages VALUES (?, {', '.join('?' for _ in TALLY_FIELDS)}) ON CONFLICT(stage) "
-                             f"DO UPDATE SET {', '.join(f'{k}={k}+excluded.{k}' for k in TALLY_FIELDS)}",
-                             [stage, *values])
+                conn.execute(_RECORD_SQL, [stage, *values])
                 if hold_id and release:
                     conn.execute("DELETE FROM holds WHERE id=?", (hold_id,))
                 conn.execute("COMMIT")
