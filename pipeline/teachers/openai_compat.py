@@ -111,8 +111,9 @@ class OpenAICompatTeacher(CachedTeacher):
         those, so we do, for that error class only (the SDK's retries are not doubled up for everything else).
 
         The first try ran outside tenacity: its per-call machinery costs about 30 us of CPU per call (a sixth of
-        what our client adds to the SDK, bench/teacher_throughput.py) and is only needed here. The schedule is the same as one tenacity loop over
-        all tries: `before` sleeps ahead of try k+1 what `wait` would have slept after failed try k."""
+        what our client adds to the SDK, bench/teacher_throughput.py) and is only needed here. The schedule is the
+        same as one tenacity loop over all tries: `before` sleeps ahead of try k+1 what `wait` would have slept
+        after failed try k."""
         backoff = wait_random_exponential(multiplier=self.cfg.malformed_backoff_s, max=8)
 
         async def sleep_before(state: RetryCallState) -> None:
