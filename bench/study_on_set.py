@@ -32,11 +32,13 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=25)
     ap.add_argument("--samples", type=int, default=2000)
+    ap.add_argument("--perplexity", action="store_true", help="also the reference perplexity of every student")
+    ap.add_argument("--no-teacher", action="store_true", help="students only (e.g. on the study's own eval set)")
     args = ap.parse_args()
 
     from pipeline.config import load_config
     from pipeline.evaluate import load_eval_set, score_contender
-    from pipeline.evaluate.contenders import student_answers, teacher_answers
+    from pipeline.evaluate.contenders import perplexity_summary, student_answers, teacher_answers
     from pipeline.evaluate.metrics import hit_limit_share, paired_difference
     from pipeline.models import resolve_student
     from pipeline.stages import teacher_cache_path
@@ -50,23 +52,24 @@ def main() -> None:
     cache_dir = study / "cache"
     rows: dict[str, dict] = {}
 
-    teacher = make_teacher(cfg.teacher, teacher_cache_path(cfg))
-    try:
-        t = teacher_answers(teacher, items, args.max_new_tokens)
-    finally:
-        teacher.close()
-    rows["teacher"] = {"answers": t["answers"], "tokens": t["answer_tokens"]}
+    if not args.no_teacher:
+        teacher = make_teacher(cfg.teacher, teacher_cache_path(cfg))
+        try:
+            t = teacher_answers(teacher, items, args.max_new_tokens)
+        finally:
+            teacher.close()
+        rows["teacher"] = {"answers": t["answers"], "tokens": t["answer_tokens"]}
     raw = student_answers(student_dir, items, args.max_new_tokens, args.batch_size, label="raw student",
-                          cache_dir=cache_dir)
-    rows["raw student"] = {"answers": raw["answers"], "tokens": raw["answer_tokens"]}
+                          cache_dir=cache_dir, perplexity=args.perplexity)
+    rows["raw student"] = {"answers": raw["answers"], "tokens": raw["answer_tokens"], "nll": raw.get("nll")}
     for cell_file in sorted((study / "cells").glob("*.json")):
         cell = json.loads(cell_file.read_text())
         adapter = cell_file.with_suffix("") / "adapter"
         if not adapter.is_dir():
             continue  # raw student and teacher cells have no adapter
         out = student_answers(student_dir, items, args.max_new_tokens, args.batch_size, adapter_dir=adapter,
-                              label=cell["label"], cache_dir=cache_dir)
-        rows[cell["label"]] = {"answers": out["answers"], "tokens": out["answer_tokens"]}
+                              label=cell["label"], cache_dir=cache_dir, perplexity=args.perplexity)
+        rows[cell["label"]] = {"answers": out["answers"], "tokens": out["answer_tokens"], "nll": out.get("nll")}
 
     result = {"study": str(study), "eval_set": args.eval_set, "items": len(items),
               "max_new_tokens": args.max_new_tokens, "contenders": {}}
@@ -75,6 +78,8 @@ def main() -> None:
         s = score_contender(items, r["answers"], args.samples)
         entry = {"rouge_l": s["rouge_l"], "rouge_l_ci": s["rouge_l_ci"],
                  "hit_limit": hit_limit_share(r["tokens"], args.max_new_tokens)}
+        if r.get("nll") is not None:
+            entry.update(perplexity_summary(r["nll"], args.samples))
         if name not in ("teacher", "raw student"):
             entry["vs_raw"] = paired_difference(s["per_item"], base, names=(name, "raw student"),
                                                 samples=args.samples).as_dict()
@@ -83,13 +88,15 @@ def main() -> None:
     atomic_write_json(study / f"study_on_{name}.json", result)
     lines = [f"Trained cells of `{study}` re-scored on `{args.eval_set}` ({len(items)} items, greedy, up to "
              f"{args.max_new_tokens} new tokens); differences are paired bootstrap 95% intervals over the same items.",
-             "", "| contender | ROUGE-L [95% CI] | minus raw student [95% CI] | hit token limit |",
-             "| --- | --- | --- | --- |"]
+             "", "| contender | ROUGE-L [95% CI] | minus raw student [95% CI] | reference perplexity | hit token limit |",
+             "| --- | --- | --- | --- | --- |"]
     for label, e in result["contenders"].items():
         v = e.get("vs_raw")
         diff = f"{v['mean']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}] {v['verdict']}" if v else ""
         hit = f"{e['hit_limit']:.0%}" if e["hit_limit"] is not None else "n/a"
-        lines.append(f"| {label} | {e['rouge_l']:.4f} [{e['rouge_l_ci'][0]:.3f}, {e['rouge_l_ci'][1]:.3f}] | {diff} | {hit} |")
+        ppl = f"{e['perplexity']:.1f}" if e.get("perplexity") else ""
+        lines.append(f"| {label} | {e['rouge_l']:.4f} [{e['rouge_l_ci'][0]:.3f}, {e['rouge_l_ci'][1]:.3f}] | {diff} | {ppl} "
+                     f"| {hit} |")
     atomic_write_text(study / f"study_on_{name}.md", "\n".join(lines) + "\n")
     print(json.dumps(result, indent=2))
 
