@@ -220,7 +220,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from pipeline.study import StudyOptions, budget_overrides, load_inputs, run_study, summary_lines
+    from pipeline.study import StudyOptions, budget_overrides, load_inputs, run_study
+    from pipeline.study_report import summary_lines
 
     def names(text: str) -> tuple[str, ...]:
         return tuple(x.strip() for x in text.replace(";", ",").split(",") if x.strip())

@@ -17,7 +17,8 @@ import pytest
 from pipeline.config import load_config
 from pipeline.errors import ModelNotFoundError
 from pipeline.records import Record
-from pipeline.study import (Cell, StudyOptions, analyse, make_plan, plan_cells, run_study, write_study_report)
+from pipeline.study import Cell, StudyOptions, make_plan, plan_cells, run_study
+from pipeline.study_report import analyse, write_study_report
 from tests.conftest import TINY_STUDENT_DROP
 
 ITEMS = [f"i{k}" for k in range(30)]
