@@ -37,9 +37,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from pipeline.config import load_config
-    from pipeline.evaluate import load_eval_set, score_contender
-    from pipeline.evaluate.contenders import perplexity_summary, student_answers, teacher_answers
-    from pipeline.evaluate.metrics import hit_limit_share, paired_difference
+    from pipeline.evaluate import load_eval_set
+    from pipeline.evaluate.bench import score_contenders
+    from pipeline.evaluate.contenders import student_answers, teacher_answers
+    from pipeline.evaluate.metrics import paired_difference
     from pipeline.models import resolve_student
     from pipeline.stages import teacher_cache_path
     from pipeline.store import atomic_write_json, atomic_write_text
@@ -58,31 +59,29 @@ def main() -> None:
             t = teacher_answers(teacher, items, args.max_new_tokens)
         finally:
             teacher.close()
-        rows["teacher"] = {"answers": t["answers"], "tokens": t["answer_tokens"]}
+        rows["teacher"] = t
     raw = student_answers(student_dir, items, args.max_new_tokens, args.batch_size, label="raw student",
                           cache_dir=cache_dir, perplexity=args.perplexity)
-    rows["raw student"] = {"answers": raw["answers"], "tokens": raw["answer_tokens"], "nll": raw.get("nll")}
+    rows["raw student"] = raw
     for cell_file in sorted((study / "cells").glob("*.json")):
         cell = json.loads(cell_file.read_text())
         adapter = cell_file.with_suffix("") / "adapter"
         if not adapter.is_dir():
             continue  # raw student and teacher cells have no adapter
-        out = student_answers(student_dir, items, args.max_new_tokens, args.batch_size, adapter_dir=adapter,
-                              label=cell["label"], cache_dir=cache_dir, perplexity=args.perplexity)
-        rows[cell["label"]] = {"answers": out["answers"], "tokens": out["answer_tokens"], "nll": out.get("nll")}
+        rows[cell["label"]] = student_answers(student_dir, items, args.max_new_tokens, args.batch_size,
+                                              adapter_dir=adapter, label=cell["label"], cache_dir=cache_dir,
+                                              perplexity=args.perplexity)
 
     result = {"study": str(study), "eval_set": args.eval_set, "items": len(items),
               "max_new_tokens": args.max_new_tokens, "contenders": {}}
-    base = score_contender(items, rows["raw student"]["answers"], args.samples)["per_item"]
-    for name, r in rows.items():
-        s = score_contender(items, r["answers"], args.samples)
-        entry = {"rouge_l": s["rouge_l"], "rouge_l_ci": s["rouge_l_ci"],
-                 "hit_limit": hit_limit_share(r["tokens"], args.max_new_tokens)}
-        if r.get("nll") is not None:
-            entry.update(perplexity_summary(r["nll"], args.samples))
+    # Scored the way a run's evaluation scores its contenders (ROUGE-L, perplexity, token-limit share).
+    summary, per_item = score_contenders(items, rows, samples=args.samples, max_new_tokens=args.max_new_tokens)
+    base = [r["raw student_rouge_l"] for r in per_item]
+    for name, s in summary.items():
+        entry = {k: s[k] for k in ("rouge_l", "rouge_l_ci", "hit_limit", "perplexity", "perplexity_ci") if k in s}
         if name not in ("teacher", "raw student"):
-            entry["vs_raw"] = paired_difference(s["per_item"], base, names=(name, "raw student"),
-                                                samples=args.samples).as_dict()
+            entry["vs_raw"] = paired_difference([r[f"{name}_rouge_l"] for r in per_item], base,
+                                                names=(name, "raw student"), samples=args.samples).as_dict()
         result["contenders"][name] = entry
     name = Path(args.eval_set).stem
     atomic_write_json(study / f"study_on_{name}.json", result)
@@ -93,7 +92,7 @@ def main() -> None:
     for label, e in result["contenders"].items():
         v = e.get("vs_raw")
         diff = f"{v['mean']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}] {v['verdict']}" if v else ""
-        hit = f"{e['hit_limit']:.0%}" if e["hit_limit"] is not None else "n/a"
+        hit = f"{e['hit_limit']:.0%}" if e.get("hit_limit") is not None else "n/a"
         ppl = f"{e['perplexity']:.1f}" if e.get("perplexity") else ""
         lines.append(f"| {label} | {e['rouge_l']:.4f} [{e['rouge_l_ci'][0]:.3f}, {e['rouge_l_ci'][1]:.3f}] | {diff} | {ppl} "
                      f"| {hit} |")
