@@ -3,7 +3,7 @@
 A study scores every cell on one eval set (evaluate.eval_set). Whether a gain carries over to instructions of a
 different kind is the next question a skeptic asks; this answers it from the cells' saved adapters: the teacher,
 the raw student and every trained cell of the configured student's own cut answer the items of --eval-set, and
-each trained cell is compared with the raw student by the paired bootstrap, beside the share of answers that hit
+each trained cell is compared with the raw student (or --against another contender) by the paired bootstrap, beside the share of answers that hit
 the token limit.
 
     python bench/study_on_set.py --study runs/study-teach255 --eval-set data/self_instruct_heldout.jsonl \\
@@ -28,11 +28,17 @@ def main() -> None:
     ap.add_argument("--eval-set", required=True, help="Alpaca/Self-Instruct JSON(L) eval file")
     ap.add_argument("--profile", default="cpu-demo", help="profile whose teacher and student the study used")
     ap.add_argument("--set", action="append", default=[], help="config override, e.g. teacher.n_threads=2")
+    ap.add_argument("--skip", type=int, default=0,
+                    help="leave out the set's first N items (e.g. the ones the study itself was scored on)")
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--only", action="append", default=[],
+                    help="score only the cells with this label (repeatable), e.g. 'distilled sft'")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=25)
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--perplexity", action="store_true", help="also the reference perplexity of every student")
+    ap.add_argument("--against", default="raw student",
+                    help="the contender every other one is compared with, e.g. 'distilled sft' (default: raw student)")
     ap.add_argument("--no-teacher", action="store_true", help="students only (e.g. on the study's own eval set)")
     args = ap.parse_args()
 
@@ -48,7 +54,8 @@ def main() -> None:
 
     study = Path(args.study)
     cfg = load_config(profile=args.profile, overrides=args.set)
-    items = load_eval_set(Path(args.eval_set), args.limit)
+    items = load_eval_set(Path(args.eval_set))[args.skip:]
+    items = items[:args.limit] if args.limit else items
     student_dir = resolve_student(cfg.student.source, cfg.student.drop_layers, cfg.student.cut_from)
     cache_dir = study / "cache"
     rows: dict[str, dict] = {}
@@ -66,31 +73,35 @@ def main() -> None:
     for cell_file in sorted((study / "cells").glob("*.json")):
         cell = json.loads(cell_file.read_text())
         adapter = cell_file.with_suffix("") / "adapter"
-        if not adapter.is_dir():
+        if not adapter.is_dir() or (args.only and cell["label"] not in args.only):
             continue  # raw student and teacher cells have no adapter
         rows[cell["label"]] = student_answers(student_dir, items, args.max_new_tokens, args.batch_size,
                                               adapter_dir=adapter, label=cell["label"], cache_dir=cache_dir,
                                               perplexity=args.perplexity)
 
-    result = {"study": str(study), "eval_set": args.eval_set, "items": len(items),
+    result = {"study": str(study), "eval_set": args.eval_set, "against": args.against, "skipped": args.skip, "items": len(items),
               "max_new_tokens": args.max_new_tokens, "contenders": {}}
     # Scored the way a run's evaluation scores its contenders (ROUGE-L, perplexity, token-limit share).
     summary, per_item = score_contenders(items, rows, samples=args.samples, max_new_tokens=args.max_new_tokens)
-    base = [r["raw student_rouge_l"] for r in per_item]
+    if args.against not in summary:
+        raise SystemExit(f"--against {args.against!r} is not among the contenders: {', '.join(summary)}")
+    base = [r[f"{args.against}_rouge_l"] for r in per_item]
     for name, s in summary.items():
         entry = {k: s[k] for k in ("rouge_l", "rouge_l_ci", "hit_limit", "perplexity", "perplexity_ci") if k in s}
-        if name not in ("teacher", "raw student"):
-            entry["vs_raw"] = paired_difference([r[f"{name}_rouge_l"] for r in per_item], base,
-                                                names=(name, "raw student"), samples=args.samples).as_dict()
+        if name not in ("teacher", args.against):
+            entry["vs"] = paired_difference([r[f"{name}_rouge_l"] for r in per_item], base,
+                                            names=(name, args.against), samples=args.samples).as_dict()
         result["contenders"][name] = entry
-    name = Path(args.eval_set).stem
+    name = (Path(args.eval_set).stem + (f"_from{args.skip + 1}" if args.skip else "")
+            + ("" if args.against == "raw student" else "_vs_" + args.against.replace(" ", "_")))
     atomic_write_json(study / f"study_on_{name}.json", result)
-    lines = [f"Trained cells of `{study}` re-scored on `{args.eval_set}` ({len(items)} items, greedy, up to "
+    lines = [f"Trained cells of `{study}` re-scored on `{args.eval_set}` ({len(items)} items"
+             f"{f' after the first {args.skip}' if args.skip else ''}, greedy, up to "
              f"{args.max_new_tokens} new tokens); differences are paired bootstrap 95% intervals over the same items.",
-             "", "| contender | ROUGE-L [95% CI] | minus raw student [95% CI] | reference perplexity | hit token limit |",
+             "", f"| contender | ROUGE-L [95% CI] | minus {args.against} [95% CI] | reference perplexity | hit token limit |",
              "| --- | --- | --- | --- | --- |"]
     for label, e in result["contenders"].items():
-        v = e.get("vs_raw")
+        v = e.get("vs")
         diff = f"{v['mean']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}] {v['verdict']}" if v else ""
         hit = f"{e['hit_limit']:.0%}" if e.get("hit_limit") is not None else "n/a"
         ppl = f"{e['perplexity']:.1f}" if e.get("perplexity") else ""

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig, TeacherConfig
-from pipeline.teachers.base import Request, worst_case_tokens
+from pipeline.teachers.base import Request
+from pipeline.teachers.ledger import worst_case_tokens
 
 
 @dataclass

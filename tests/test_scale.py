@@ -11,7 +11,8 @@ from pipeline.config import ScaleConfig, TeacherConfig, load_config
 from pipeline.generate import answer_instructions, bootstrap_instructions, load_seed_tasks
 from pipeline.scale import FanOutTeacher
 from pipeline.teachers import make_teacher
-from pipeline.teachers.base import Ledger, Request, ResponseCache
+from pipeline.teachers.base import Request, ResponseCache
+from pipeline.teachers.ledger import Ledger
 from tests.conftest import fast_overrides
 from tests.fakes.openai_server import FakeOpenAIServer
 
@@ -112,7 +113,7 @@ def test_many_writers_keep_cache_ledger_and_order_exact(tmp_path, server):
 
 
 def test_budget_holds_the_worst_case_of_every_wave(tmp_path, server):
-    from pipeline.teachers.base import worst_case_tokens
+    from pipeline.teachers.ledger import worst_case_tokens
 
     reqs = _chats(20, "budget")
     w_in, w_out = worst_case_tokens(reqs[0])

@@ -12,7 +12,8 @@ import pytest
 
 from pipeline.config import ScaleConfig, TeacherConfig
 from pipeline.scale import FanOutTeacher
-from pipeline.teachers.base import Ledger, Request
+from pipeline.teachers.base import Request
+from pipeline.teachers.ledger import Ledger
 from tests.fakes.openai_server import FakeOpenAIServer, request_digest
 
 ray = pytest.importorskip("ray")

@@ -8,7 +8,7 @@ import pytest
 from pipeline.config import TeacherConfig
 from pipeline.errors import BudgetExceeded
 from pipeline.teachers import Request, make_teacher
-from pipeline.teachers.base import worst_case_tokens
+from pipeline.teachers.ledger import worst_case_tokens
 from tests.fakes.openai_server import FakeOpenAIServer, default_responder
 
 

@@ -29,7 +29,8 @@ from prefect.futures import as_completed
 
 from pipeline.config import ScaleConfig, TeacherConfig
 from pipeline.errors import ConfigError
-from pipeline.teachers.base import Completion, Ledger, Request, ResponseCache
+from pipeline.teachers.base import Completion, Request, ResponseCache
+from pipeline.teachers.ledger import Ledger
 
 log = logging.getLogger(__name__)
 

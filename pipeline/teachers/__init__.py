@@ -7,7 +7,8 @@ from typing import Callable
 
 from pipeline.config import ScaleConfig, TeacherConfig
 from pipeline.errors import ConfigError
-from pipeline.teachers.base import CachedTeacher, Completion, Ledger, Request, ResponseCache, Teacher
+from pipeline.teachers.base import CachedTeacher, Completion, Request, ResponseCache, Teacher
+from pipeline.teachers.ledger import Ledger
 
 __all__ = ["Completion", "Ledger", "Request", "ResponseCache", "Teacher", "make_teacher", "register_teacher"]
 

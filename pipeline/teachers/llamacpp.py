@@ -7,7 +7,8 @@ import time
 from typing import Callable
 
 from pipeline.models import resolve_gguf
-from pipeline.teachers.base import CachedTeacher, Completion, Ledger, Request, ResponseCache, request_seed
+from pipeline.teachers.base import CachedTeacher, Completion, Request, ResponseCache, request_seed
+from pipeline.teachers.ledger import Ledger
 
 
 def default_threads() -> int:

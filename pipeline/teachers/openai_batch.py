@@ -12,7 +12,8 @@ import openai
 from pydantic import SecretStr
 
 from pipeline.config import TeacherConfig
-from pipeline.teachers.base import CachedTeacher, Completion, Ledger, Request, ResponseCache, request_seed
+from pipeline.teachers.base import CachedTeacher, Completion, Request, ResponseCache, request_seed
+from pipeline.teachers.ledger import Ledger
 from pipeline.teachers.openai_compat import completion_from_json, endpoint, request_body
 from pipeline.teachers.secrets import redact, client_api_key
 

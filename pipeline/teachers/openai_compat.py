@@ -15,7 +15,8 @@ from tenacity import (AsyncRetrying, RetryCallState, retry_if_exception_type, st
                       wait_random_exponential)
 
 from pipeline.config import TeacherConfig
-from pipeline.teachers.base import CachedTeacher, Completion, Ledger, Request, ResponseCache, request_seed
+from pipeline.teachers.base import CachedTeacher, Completion, Request, ResponseCache, request_seed
+from pipeline.teachers.ledger import Ledger
 from pipeline.teachers.secrets import redact, client_api_key
 
 

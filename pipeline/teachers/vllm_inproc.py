@@ -6,7 +6,8 @@ from typing import Callable
 
 from pipeline.config import TeacherConfig
 from pipeline.errors import ConfigError
-from pipeline.teachers.base import CachedTeacher, Completion, Ledger, ResponseCache, request_seed
+from pipeline.teachers.base import CachedTeacher, Completion, ResponseCache, request_seed
+from pipeline.teachers.ledger import Ledger
 
 
 class VLLMTeacher(CachedTeacher):
