@@ -22,6 +22,35 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def held_out_items(items: list, exclude_sets: list[str], training_data: str | None, cfg) -> tuple[list, dict]:
+    """The items left after dropping those in `exclude_sets` and those the training data overlaps (the curate
+    stage's own n-gram rule, applied from the eval item's side); returns them and what was dropped, by reason."""
+    from pipeline.curate.decontaminate import EvalOverlap
+    from pipeline.evaluate import load_eval_set
+
+    left_out: dict[str, list[str]] = {"in_excluded_set": [], "overlaps_training_data": []}
+    seen = {(it.instruction, it.input) for path in exclude_sets for it in load_eval_set(Path(path))}
+    kept = []
+    for it in items:
+        if (it.instruction, it.input) in seen:
+            left_out["in_excluded_set"].append(it.id)
+        else:
+            kept.append(it)
+    if training_data:
+        from pipeline.store import load_records
+
+        train = [r.instruction + " " + r.input for r in load_records(Path(training_data))]
+        overlap = EvalOverlap(train, cfg.curate.decontaminate_ngram, cfg.curate.decontaminate_threshold)
+        clean = []
+        for it in kept:
+            if overlap.is_contaminated(it.instruction + " " + it.input):
+                left_out["overlaps_training_data"].append(it.id)
+            else:
+                clean.append(it)
+        kept = clean
+    return kept, left_out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--study", required=True, help="the study's output folder (with cells/)")
@@ -31,6 +60,11 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=0,
                     help="leave out the set's first N items (e.g. the ones the study itself was scored on)")
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--exclude-set", action="append", default=[],
+                    help="leave out items that also appear in this eval file (e.g. ones already looked at)")
+    ap.add_argument("--decontaminate-against", default=None,
+                    help="training records (a parquet the pipeline wrote): leave out items that share curate.decontaminate_threshold "
+                         "of their n-grams with one of them, so the set is unseen by the students")
     ap.add_argument("--only", action="append", default=[],
                     help="score only the cells with this label (repeatable), e.g. 'distilled sft'")
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -55,6 +89,7 @@ def main() -> None:
     study = Path(args.study)
     cfg = load_config(profile=args.profile, overrides=args.set)
     items = load_eval_set(Path(args.eval_set))[args.skip:]
+    items, left_out = held_out_items(items, args.exclude_set, args.decontaminate_against, cfg)
     items = items[:args.limit] if args.limit else items
     student_dir = resolve_student(cfg.student.source, cfg.student.drop_layers, cfg.student.cut_from)
     cache_dir = study / "cache"
@@ -79,7 +114,7 @@ def main() -> None:
                                               adapter_dir=adapter, label=cell["label"], cache_dir=cache_dir,
                                               perplexity=args.perplexity)
 
-    result = {"study": str(study), "eval_set": args.eval_set, "against": args.against, "skipped": args.skip, "items": len(items),
+    result = {"study": str(study), "eval_set": args.eval_set, "against": args.against, "left_out": left_out, "skipped": args.skip, "items": len(items),
               "max_new_tokens": args.max_new_tokens, "contenders": {}}
     # Scored the way a run's evaluation scores its contenders (ROUGE-L, perplexity, token-limit share).
     summary, per_item = score_contenders(items, rows, samples=args.samples, max_new_tokens=args.max_new_tokens)
@@ -95,8 +130,11 @@ def main() -> None:
     name = (Path(args.eval_set).stem + (f"_from{args.skip + 1}" if args.skip else "")
             + ("" if args.against == "raw student" else "_vs_" + args.against.replace(" ", "_")))
     atomic_write_json(study / f"study_on_{name}.json", result)
+    dropped = "".join(f", {len(v)} left out ({k.replace('_', ' ')})" for k, v in left_out.items() if v)
     lines = [f"Trained cells of `{study}` re-scored on `{args.eval_set}` ({len(items)} items"
-             f"{f' after the first {args.skip}' if args.skip else ''}, greedy, up to "
+             f"{f' after the first {args.skip}' if args.skip else ''}"
+             f"{dropped}"
+             f", greedy, up to "
              f"{args.max_new_tokens} new tokens); differences are paired bootstrap 95% intervals over the same items.",
              "", f"| contender | ROUGE-L [95% CI] | minus {args.against} [95% CI] | reference perplexity | hit token limit |",
              "| --- | --- | --- | --- | --- |"]

@@ -7,8 +7,9 @@ import json
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
@@ -92,6 +93,21 @@ class ResponseCache:
                 found[key] = Completion.model_validate_json(reply)
         return found
 
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Puts inside commit together: one write to the database for a group of replies instead of one each."""
+        conn = self._conn()
+        if conn.in_transaction:
+            yield
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
     def put(self, key: str, completion: Completion) -> None:
         # Only successful replies are cached: a failure must be retried on the next run.
         if completion.ok:
@@ -171,6 +187,13 @@ class CachedTeacher:
 
     def _call_batch(self, items: list[tuple[int, Request, str]], store: Callable[[int, Completion], None]) -> None:
         raise NotImplementedError
+
+    @contextmanager
+    def storing_together(self) -> Iterator[None]:
+        """`store` calls inside write their replies to the cache and the ledger in one commit each (a backend
+        whose replies land in bursts groups them, instead of paying three commits per reply)."""
+        with self.cache.transaction(), self.ledger.transaction():
+            yield
 
     def _admit(self, req: Request, key: str) -> bool:
         """Hold this request's worst-case cost before sending it; False when that would cross the run's budget."""

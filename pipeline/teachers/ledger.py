@@ -10,9 +10,10 @@ import sqlite3
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from pipeline.errors import BudgetExceeded
 from pipeline.teachers.base import Completion, Request
@@ -170,6 +171,22 @@ class Ledger:
                 raise
         return hold_id
 
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Records inside commit together (see CachedTeacher.storing_together); the ledger stays locked for them."""
+        with self._shared["lock"]:
+            conn = self._conn
+            if conn.in_transaction:
+                yield
+                return
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
     def release(self, hold_id: str | None) -> None:
         """Drop a hold whose requests were never sent."""
         if hold_id:
@@ -184,18 +201,10 @@ class Ledger:
             row = dict(requests=1, failures=0 if c.ok else 1, tokens_in=c.tokens_in, tokens_out=c.tokens_out,
                        latency_s=c.latency_s, cost_usd=self.cost(c.tokens_in, c.tokens_out))
         values = [row.get(k, 0) for k in TALLY_FIELDS]
-        with self._shared["lock"]:
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.execute(_RECORD_SQL, [stage, *values])
-                if hold_id and release:
-                    conn.execute("DELETE FROM holds WHERE id=?", (hold_id,))
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+        with self.transaction():  # the tally and the settled hold change together, or neither does
+            self._conn.execute(_RECORD_SQL, [stage, *values])
+            if hold_id and release:
+                self._conn.execute("DELETE FROM holds WHERE id=?", (hold_id,))
 
     @property
     def stages(self) -> dict[str, StageTally]:

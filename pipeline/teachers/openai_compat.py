@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import random
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable, Coroutine
 
 import openai
@@ -44,6 +46,28 @@ class LoopThread:
         self.loop.close()
 
 
+try:  # the HTTP library the SDK sends with (openai 3.x: httpx2; 1.x: httpx)
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover
+    import httpx
+
+# What the SDK waits before its first retry when the server does not say (Retry-After is honoured up to 2 minutes).
+FIRST_RETRY_DELAY_S, MAX_RETRY_AFTER_S = 0.5, 120.0
+
+
+@dataclass
+class Endpoint:
+    """One server serving the model: the SDK client, and the httpx client it sends with (shared connection pool)."""
+
+    sdk: openai.AsyncOpenAI
+    http: Any  # httpx.AsyncClient
+    headers: dict[str, str] = field(repr=False)  # what the SDK sends: auth, user agent, organization, project
+    base: str
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+
 class OpenAICompatTeacher(CachedTeacher):
     backend = "openai"
 
@@ -54,13 +78,17 @@ class OpenAICompatTeacher(CachedTeacher):
         self._api_key = SecretStr(client_api_key(cfg))
         self.base_urls = [cfg.base_url] + list(cfg.extra_base_urls) if cfg.base_url else [None]
         self._loop: LoopThread | None = None
-        self._clients: list[openai.AsyncOpenAI] = []
+        self._clients: list[Endpoint] = []
 
-    def _client(self, base_url: str | None) -> openai.AsyncOpenAI:
+    def _client(self, base_url: str | None) -> Endpoint:
         # The SDK retries 408/409/429/5xx, timeouts and dropped connections with exponential backoff (0.5 s
-        # doubling to 8 s), jitter and Retry-After; we only configure how many times and the timeout.
-        return openai.AsyncOpenAI(api_key=self._api_key.get_secret_value(), base_url=base_url,
-                                  max_retries=self.cfg.max_retries, timeout=self.cfg.timeout_s)
+        # doubling to 8 s), jitter and Retry-After; we only configure how many times and the timeout. The first
+        # try goes out on the fast path (`_request`), so the SDK is left one retry fewer: the same tries in all.
+        http = openai.DefaultAsyncHttpxClient(timeout=self.cfg.timeout_s)
+        sdk = openai.AsyncOpenAI(api_key=self._api_key.get_secret_value(), base_url=base_url, http_client=http,
+                                 max_retries=max(0, self.cfg.max_retries - 1), timeout=self.cfg.timeout_s)
+        headers = {k: v for k, v in {**sdk.default_headers, **sdk.auth_headers}.items() if isinstance(v, str)}
+        return Endpoint(sdk=sdk, http=http, headers=headers, base=str(sdk.base_url).rstrip("/"))
 
     def _call_batch(self, items, store: Callable[[int, Completion], None]) -> None:
         if self._loop is None:
@@ -73,16 +101,37 @@ class OpenAICompatTeacher(CachedTeacher):
         sem = asyncio.Semaphore(self.cfg.max_concurrency)
         turn = itertools.cycle(self._clients)  # round-robin over the endpoints serving the same model
 
+        landed: list[tuple[int, Completion]] = []
+        written = [asyncio.Event()]  # set once the replies that landed with this one are in the cache and ledger
+
         async def one(i: int, req: Request, key: str) -> None:
-            async with sem:
+            async with sem:  # a slot is given back only after its reply is written: the budget sees it settled
                 if not self._admit(req, key):
                     return  # left as "not attempted" by CachedTeacher.generate
-                store(i, await self._call_one(next(turn), req, key))
+                landed.append((i, await self._call_one(next(turn), req, key)))
+                done = written[0]
+                if len(landed) > 1:
+                    await done.wait()
+                    return
+                # The first reply since the last write waits one turn of the loop, so the replies that land in the
+                # same turn are written with it: one commit per burst, not three per reply (on 2 cores those
+                # commits were what our client still lost against a bare HTTP load at 64 in flight). A kill loses
+                # at most the replies of that one turn, as it loses the calls in flight; their holds stay counted.
+                await asyncio.sleep(0)
+                group = landed[:]
+                landed.clear()
+                written[0] = asyncio.Event()
+                try:
+                    with self.storing_together():
+                        for j, c in group:
+                            store(j, c)
+                finally:
+                    done.set()
         await asyncio.gather(*(one(*item) for item in items))
 
     async def _close_clients(self) -> None:
         for client in self._clients:
-            await client.close()
+            await client.sdk.close()
         self._clients = []
 
     def close(self) -> None:
@@ -92,7 +141,7 @@ class OpenAICompatTeacher(CachedTeacher):
             self._loop.stop()
             self._loop = None
 
-    async def _call_one(self, client: openai.AsyncOpenAI, req: Request, key: str) -> Completion:
+    async def _call_one(self, client: Endpoint, req: Request, key: str) -> Completion:
         start = time.perf_counter()
         try:
             try:
@@ -107,7 +156,7 @@ class OpenAICompatTeacher(CachedTeacher):
         completion.latency_s = time.perf_counter() - start
         return completion
 
-    async def _retry_malformed(self, client: openai.AsyncOpenAI, req: Request, key: str) -> Completion:
+    async def _retry_malformed(self, client: Endpoint, req: Request, key: str) -> Completion:
         """The tries after a 200 whose body was not JSON (a proxy cut it, a server bug): the SDK does not retry
         those, so we do, for that error class only (the SDK's retries are not doubled up for everything else).
 
@@ -126,13 +175,74 @@ class OpenAICompatTeacher(CachedTeacher):
                 completion = await self._request(client, req, key)
         return completion
 
-    async def _request(self, client: openai.AsyncOpenAI, req: Request, key: str) -> Completion:
-        # The SDK's generic `post` keeps its retries, backoff, Retry-After and timeouts, but skips the typed
-        # request transform and response models, which cost more CPU per call than the HTTP itself
-        # (bench/teacher_throughput.py); the reply is read as plain JSON.
-        out = await client.post(endpoint(req), body=request_body(self.model, req, request_seed(self.cfg.seed, key)),
-                                cast_to=object)
+    async def _request(self, client: Endpoint, req: Request, key: str) -> Completion:
+        """One reply: a plain POST first, then the SDK's retries if that did not come back 200.
+
+        Why not the SDK for every call: its per-call machinery (request options, header and URL building, the
+        response wrapper) costs about 140 us of CPU per request, twice the HTTP exchange itself, and at 64
+        requests in flight on 2 cores that is what a run loses to the client (bench/teacher_throughput.py). A 200
+        is all the fast path handles. A failure the SDK would retry (a timeout, a dropped connection, 408, 409,
+        429, 5xx) goes to the SDK's own post after the wait the SDK takes before its first retry, so retries,
+        backoff and Retry-After stay the SDK's; one it would not retry (401, 400...) is raised as the SDK's typed
+        error without sending it again. A 200 whose body is not JSON raises JSONDecodeError, as from the SDK, for
+        `_retry_malformed`."""
+        path = endpoint(req)
+        body = request_body(self.model, req, request_seed(self.cfg.seed, key))
+        if self.cfg.max_retries:  # with no retries allowed, the one try is the SDK's
+            try:
+                reply = await client.http.post(client.url(path), json=body, headers=client.headers)
+            except httpx.HTTPError:  # timeout, refused or dropped connection: the SDK retries these
+                reply = None
+            if reply is not None:
+                if reply.status_code == 200:
+                    return completion_from_json(req, reply.json())
+                if not sdk_would_retry(reply):
+                    raise status_error(reply)
+            await asyncio.sleep(wait_before_sdk(reply))
+        out = await client.sdk.post(path, body=body, cast_to=object)
         return completion_from_json(req, out)
+
+
+# The SDK's error class per status, for a fast-path failure it would not retry (the same classes the SDK raises).
+_STATUS_ERRORS = {400: openai.BadRequestError, 401: openai.AuthenticationError, 403: openai.PermissionDeniedError,
+                  404: openai.NotFoundError, 409: openai.ConflictError, 422: openai.UnprocessableEntityError,
+                  429: openai.RateLimitError}
+
+
+def sdk_would_retry(reply: Any) -> bool:
+    """The SDK's rule for a reply that is not a success: the server's x-should-retry if it says, else 408, 409,
+    429 and 5xx are retried."""
+    says = reply.headers.get("x-should-retry")
+    if says in ("true", "false"):
+        return says == "true"
+    return reply.status_code in (408, 409, 429) or reply.status_code >= 500
+
+
+def status_error(reply: Any) -> openai.APIStatusError:
+    """The exception the SDK raises for this reply, with its message ("Error code: 401 - {...}")."""
+    text = reply.text.strip()
+    try:
+        body: Any = json.loads(text)
+    except ValueError:
+        body = text
+    cls = _STATUS_ERRORS.get(reply.status_code,
+                             openai.InternalServerError if reply.status_code >= 500 else openai.APIStatusError)
+    return cls(f"Error code: {reply.status_code} - {body}", response=reply,
+               body=body.get("error", body) if isinstance(body, dict) else body)
+
+
+def wait_before_sdk(reply: Any) -> float:
+    """Seconds to wait before the SDK retries a failed fast-path try: what the SDK waits before its first retry
+    (the server's retry-after-ms or Retry-After up to 2 minutes, else 0.5 s less up to 25% jitter)."""
+    if reply is not None:
+        for header, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+            try:
+                seconds = float(reply.headers.get(header, "")) * scale
+            except ValueError:
+                continue
+            if 0 < seconds <= MAX_RETRY_AFTER_S:
+                return seconds
+    return FIRST_RETRY_DELAY_S * (1 - 0.25 * random.random())
 
 
 def endpoint(req: Request) -> str:
