@@ -11,7 +11,7 @@ from pipeline.curate.fastdedupe import dedupe_texts
 from pipeline.curate.filters import INSTRUCTION_FILTERS, OUTPUT_FILTERS, first_failure, normalise
 from pipeline.records import Record
 
-# Reject reasons of the model-based stage (pipeline/curate/quality.py), named here so this module need not import it.
+# Reject reasons of the model-based stage (pipeline/curate/quality/), named here so this module need not import it.
 QUALITY_REASONS = ("low_judge_score", "judge_unparsed", "judge_failed", "low_ifd", "low_reward")
 SELECT_REASON = "not_selected"
 
