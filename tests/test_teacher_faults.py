@@ -68,6 +68,22 @@ def test_persistent_fault_is_recorded_as_failed_and_retried_next_run(tmp_path):
         assert all(c.ok for c in teacher.generate([chat(i) for i in range(3)]))
 
 
+@pytest.mark.parametrize("fault,error", [("500", "InternalServerError"), ("429", "RateLimitError")])
+@pytest.mark.parametrize("max_retries", [0, 1, 2])
+def test_a_persistent_fault_gets_exactly_max_retries_more_tries_on_the_sdk_schedule(tmp_path, max_retries, fault,
+                                                                                      error):
+    # The first try goes out on the fast path and the rest through the SDK: together exactly max_retries + 1 tries,
+    # ending in the SDK's typed error, with the SDK's waits between them (0.5 s, then 1 s, each less up to 25%).
+    with FakeOpenAIServer(faults=(fault,), faults_per_request=10) as server:
+        teacher = teacher_for(server, tmp_path / "c.sqlite", max_retries=max_retries)
+        start = time.perf_counter()
+        [c] = teacher.generate([chat(0)])
+        waited = time.perf_counter() - start
+    assert not c.ok and c.error.startswith(error), c.error
+    assert server.total_requests == max_retries + 1
+    assert waited >= [0, 0.375, 0.375 + 0.75][max_retries]
+
+
 @pytest.mark.parametrize("max_retries,bad_bodies,tries,ok", [(2, 10, 3, False), (2, 2, 3, True), (0, 10, 1, False)])
 def test_malformed_bodies_get_max_retries_more_tries(tmp_path, max_retries, bad_bodies, tries, ok):
     # A 200 whose body is not JSON is retried by us (not the SDK): exactly max_retries more tries, then a failure.

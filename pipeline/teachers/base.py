@@ -103,10 +103,11 @@ class ResponseCache:
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # not after SQLite rolled back itself: keep the real error
+                conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
 
     def put(self, key: str, completion: Completion) -> None:
         # Only successful replies are cached: a failure must be retried on the next run.
@@ -192,7 +193,9 @@ class CachedTeacher:
     def storing_together(self) -> Iterator[None]:
         """`store` calls inside write their replies to the cache and the ledger in one commit each (a backend
         whose replies land in bursts groups them, instead of paying three commits per reply)."""
-        with self.cache.transaction(), self.ledger.transaction():
+        # The cache commits first: a kill between the two commits leaves a reply cached with its hold still
+        # counted at the worst case (never paid twice, never under-counted), not counted but uncached.
+        with self.ledger.transaction(), self.cache.transaction():
             yield
 
     def _admit(self, req: Request, key: str) -> bool:

@@ -182,10 +182,11 @@ class Ledger:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # not after SQLite rolled back itself: keep the real error
+                    conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
 
     def release(self, hold_id: str | None) -> None:
         """Drop a hold whose requests were never sent."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import itertools
 import json
 import random
@@ -46,20 +47,25 @@ class LoopThread:
         self.loop.close()
 
 
-try:  # the HTTP library the SDK sends with (openai 3.x: httpx2; 1.x: httpx)
-    import httpx2 as httpx
-except ImportError:  # pragma: no cover
-    import httpx
-
 # What the SDK waits before its first retry when the server does not say (Retry-After is honoured up to 2 minutes).
 FIRST_RETRY_DELAY_S, MAX_RETRY_AFTER_S = 0.5, 120.0
+
+
+class AfterFirstTry(openai.AsyncOpenAI):
+    """The SDK client for tries after the fast path's first: its k-th retry is the request's (k+1)-th try, so its
+    backoff is taken one step further on (0.5 s was already waited), and the waits are the SDK's own schedule."""
+
+    # The SDK's own backoff method (no public hook for it); if a release renamed it, the waits would only be one
+    # step shorter, and tests/test_teacher_faults.py would say so.
+    def _calculate_retry_timeout(self, remaining_retries, options, response_headers=None):  # noqa: ANN001
+        return super()._calculate_retry_timeout(remaining_retries - 1, options, response_headers)
 
 
 @dataclass
 class Endpoint:
     """One server serving the model: the SDK client, and the httpx client it sends with (shared connection pool)."""
 
-    sdk: openai.AsyncOpenAI
+    sdk: AfterFirstTry
     http: Any  # httpx.AsyncClient
     headers: dict[str, str] = field(repr=False)  # what the SDK sends: auth, user agent, organization, project
     base: str
@@ -85,8 +91,8 @@ class OpenAICompatTeacher(CachedTeacher):
         # doubling to 8 s), jitter and Retry-After; we only configure how many times and the timeout. The first
         # try goes out on the fast path (`_request`), so the SDK is left one retry fewer: the same tries in all.
         http = openai.DefaultAsyncHttpxClient(timeout=self.cfg.timeout_s)
-        sdk = openai.AsyncOpenAI(api_key=self._api_key.get_secret_value(), base_url=base_url, http_client=http,
-                                 max_retries=max(0, self.cfg.max_retries - 1), timeout=self.cfg.timeout_s)
+        sdk = AfterFirstTry(api_key=self._api_key.get_secret_value(), base_url=base_url, http_client=http,
+                            max_retries=max(0, self.cfg.max_retries - 1), timeout=self.cfg.timeout_s)
         headers = {k: v for k, v in {**sdk.default_headers, **sdk.auth_headers}.items() if isinstance(v, str)}
         return Endpoint(sdk=sdk, http=http, headers=headers, base=str(sdk.base_url).rstrip("/"))
 
@@ -117,16 +123,18 @@ class OpenAICompatTeacher(CachedTeacher):
                 # same turn are written with it: one commit per burst, not three per reply (on 2 cores those
                 # commits were what our client still lost against a bare HTTP load at 64 in flight). A kill loses
                 # at most the replies of that one turn, as it loses the calls in flight; their holds stay counted.
-                await asyncio.sleep(0)
-                group = landed[:]
-                landed.clear()
-                written[0] = asyncio.Event()
                 try:
-                    with self.storing_together():
-                        for j, c in group:
-                            store(j, c)
-                finally:
-                    done.set()
+                    await asyncio.sleep(0)
+                finally:  # cancelled (Ctrl-C) or not, the replies already received are written
+                    group = landed[:]
+                    landed.clear()
+                    written[0] = asyncio.Event()
+                    try:
+                        with self.storing_together():
+                            for j, c in group:
+                                store(j, c)
+                    finally:
+                        done.set()
         await asyncio.gather(*(one(*item) for item in items))
 
     async def _close_clients(self) -> None:
@@ -176,13 +184,13 @@ class OpenAICompatTeacher(CachedTeacher):
         return completion
 
     async def _request(self, client: Endpoint, req: Request, key: str) -> Completion:
-        """One reply: a plain POST first, then the SDK's retries if that did not come back 200.
+        """One reply: a plain POST first, then the SDK's tries if that did not succeed.
 
         Why not the SDK for every call: its per-call machinery (request options, header and URL building, the
         response wrapper) costs about 140 us of CPU per request, twice the HTTP exchange itself, and at 64
-        requests in flight on 2 cores that is what a run loses to the client (bench/teacher_throughput.py). A 200
-        is all the fast path handles. A failure the SDK would retry (a timeout, a dropped connection, 408, 409,
-        429, 5xx) goes to the SDK's own post after the wait the SDK takes before its first retry, so retries,
+        requests in flight on 2 cores that is what a run loses to the client (bench/teacher_throughput.py). A
+        success is all the fast path handles. A failure the SDK would retry (a timeout, a dropped connection, 408,
+        409, 429, 5xx) goes to the SDK's own post after the wait the SDK takes before its first retry, so retries,
         backoff and Retry-After stay the SDK's; one it would not retry (401, 400...) is raised as the SDK's typed
         error without sending it again. A 200 whose body is not JSON raises JSONDecodeError, as from the SDK, for
         `_retry_malformed`."""
@@ -191,10 +199,10 @@ class OpenAICompatTeacher(CachedTeacher):
         if self.cfg.max_retries:  # with no retries allowed, the one try is the SDK's
             try:
                 reply = await client.http.post(client.url(path), json=body, headers=client.headers)
-            except httpx.HTTPError:  # timeout, refused or dropped connection: the SDK retries these
+            except Exception:  # timeout, refused or dropped connection, TLS reset...: the SDK's tries take over
                 reply = None
             if reply is not None:
-                if reply.status_code == 200:
+                if reply.is_success:
                     return completion_from_json(req, reply.json())
                 if not sdk_would_retry(reply):
                     raise status_error(reply)
@@ -210,8 +218,11 @@ _STATUS_ERRORS = {400: openai.BadRequestError, 401: openai.AuthenticationError, 
 
 
 def sdk_would_retry(reply: Any) -> bool:
-    """The SDK's rule for a reply that is not a success: the server's x-should-retry if it says, else 408, 409,
-    429 and 5xx are retried."""
+    """The SDK's rule for a reply that is not a success: not when the server asks for a wait over 2 minutes, else
+    the server's x-should-retry if it says, else 408, 409, 429 and 5xx are retried."""
+    wait = retry_after_s(reply)
+    if wait is not None and wait > MAX_RETRY_AFTER_S:
+        return False
     says = reply.headers.get("x-should-retry")
     if says in ("true", "false"):
         return says == "true"
@@ -231,17 +242,28 @@ def status_error(reply: Any) -> openai.APIStatusError:
                body=body.get("error", body) if isinstance(body, dict) else body)
 
 
+def retry_after_s(reply: Any) -> float | None:
+    """The wait the server asks for: retry-after-ms, or Retry-After in seconds or as an HTTP date."""
+    try:
+        return float(reply.headers["retry-after-ms"]) / 1000
+    except (KeyError, ValueError):
+        pass
+    value = reply.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        when = email.utils.parsedate_tz(value)
+        return None if when is None else email.utils.mktime_tz(when) - time.time()
+
+
 def wait_before_sdk(reply: Any) -> float:
     """Seconds to wait before the SDK retries a failed fast-path try: what the SDK waits before its first retry
-    (the server's retry-after-ms or Retry-After up to 2 minutes, else 0.5 s less up to 25% jitter)."""
-    if reply is not None:
-        for header, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-            try:
-                seconds = float(reply.headers.get(header, "")) * scale
-            except ValueError:
-                continue
-            if 0 < seconds <= MAX_RETRY_AFTER_S:
-                return seconds
+    (the wait the server asks for, up to 2 minutes, else 0.5 s less up to 25% jitter)."""
+    wait = retry_after_s(reply) if reply is not None else None
+    if wait is not None and 0 < wait <= MAX_RETRY_AFTER_S:
+        return wait
     return FIRST_RETRY_DELAY_S * (1 - 0.25 * random.random())
 
 
