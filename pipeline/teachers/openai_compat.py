@@ -120,8 +120,9 @@ class OpenAICompatTeacher(CachedTeacher):
                     await done.wait()
                     return
                 # The first reply since the last write waits one turn of the loop, so the replies that land in the
-                # same turn are written with it: one commit per burst, not three per reply (on 2 cores those
-                # commits were what our client still lost against a bare HTTP load at 64 in flight). A kill loses
+                # same turn are written with it: a burst's cache and ledger writes take one commit each instead of
+                # two per reply (on 2 cores those commits, which block the loop, were most of what our client still
+                # lost against a bare HTTP load at 64 in flight). A kill loses
                 # at most the replies of that one turn, as it loses the calls in flight; their holds stay counted.
                 try:
                     await asyncio.sleep(0)
