@@ -81,3 +81,23 @@ def test_ledger_counts_per_stage(tmp_path):
     assert (ev["requests"], ev["failures"]) == (2, 1)
     assert gen["latency_s"] > 0 and ev["latency_s"] > 0
     assert ledger["total"]["requests"] == 5 and ledger["total"]["cached"] == 1
+
+
+def test_a_reply_is_kept_when_the_progress_callback_raises(tmp_path):
+    # Replies are written in groups, one commit each; an error that is not the database's (here the caller's
+    # progress callback) must not roll back a reply that was paid for: it is cached and counted, its hold settled.
+    from pipeline.teachers import Ledger, ResponseCache
+
+    def broken_progress(n: int) -> None:
+        raise RuntimeError("progress bar broke")
+
+    with FakeOpenAIServer() as server:
+        cfg = config(server).model_copy(update={"max_concurrency": 4, "max_retries": 2})
+        teacher = make_teacher(cfg, tmp_path / "c.sqlite", Ledger.for_teacher(cfg, tmp_path / "ledger.sqlite"))
+        with pytest.raises(RuntimeError, match="progress bar broke"):
+            teacher.generate([chat(0)], on_done=broken_progress)
+        teacher.close()
+        assert server.total_requests == 1
+    assert len(ResponseCache(tmp_path / "c.sqlite")) == 1  # committed: another connection sees it
+    tally = Ledger(path=tmp_path / "ledger.sqlite").stages
+    assert tally["generate"].requests == 1 and "unsettled" not in tally

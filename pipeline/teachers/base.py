@@ -104,9 +104,15 @@ class ResponseCache:
         try:
             yield
             conn.execute("COMMIT")
-        except BaseException:
+        except sqlite3.Error:
             if conn.in_transaction:  # not after SQLite rolled back itself: keep the real error
                 conn.execute("ROLLBACK")
+            raise
+        except BaseException:
+            # Not the database failing (a progress callback raised, Ctrl-C): every write made is whole, and a
+            # paid reply must not be thrown away with the error, so what was written is kept.
+            if conn.in_transaction:
+                conn.execute("COMMIT")
             raise
 
     def put(self, key: str, completion: Completion) -> None:
