@@ -3,8 +3,8 @@
 A study scores every cell on one eval set (evaluate.eval_set). Whether a gain carries over to instructions of a
 different kind is the next question a skeptic asks; this answers it from the cells' saved adapters: the teacher,
 the raw student and every trained cell of the configured student's own cut answer the items of --eval-set, and
-each trained cell is compared with the raw student (or --against another contender) by the paired bootstrap, beside the share of answers that hit
-the token limit.
+each trained cell is compared with the raw student (or --against another contender) by the paired bootstrap,
+beside the share of answers that hit the token limit.
 
     python bench/study_on_set.py --study runs/study-teach255 --eval-set data/self_instruct_heldout.jsonl \\
         --profile cpu-demo --max-new-tokens 64
@@ -63,8 +63,8 @@ def main() -> None:
     ap.add_argument("--exclude-set", action="append", default=[],
                     help="leave out items that also appear in this eval file (e.g. ones already looked at)")
     ap.add_argument("--decontaminate-against", default=None,
-                    help="training records (a parquet the pipeline wrote): leave out items that share curate.decontaminate_threshold "
-                         "of their n-grams with one of them, so the set is unseen by the students")
+                    help="training records (a parquet the pipeline wrote): leave out items that share "
+                         "curate.decontaminate_threshold of their n-grams with one of them, unseen by the students")
     ap.add_argument("--only", action="append", default=[],
                     help="score only the cells with this label (repeatable), e.g. 'distilled sft'")
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -114,8 +114,8 @@ def main() -> None:
                                               adapter_dir=adapter, label=cell["label"], cache_dir=cache_dir,
                                               perplexity=args.perplexity)
 
-    result = {"study": str(study), "eval_set": args.eval_set, "against": args.against, "left_out": left_out, "skipped": args.skip, "items": len(items),
-              "max_new_tokens": args.max_new_tokens, "contenders": {}}
+    result = {"study": str(study), "eval_set": args.eval_set, "against": args.against, "left_out": left_out,
+              "skipped": args.skip, "items": len(items), "max_new_tokens": args.max_new_tokens, "contenders": {}}
     # Scored the way a run's evaluation scores its contenders (ROUGE-L, perplexity, token-limit share).
     summary, per_item = score_contenders(items, rows, samples=args.samples, max_new_tokens=args.max_new_tokens)
     if args.against not in summary:
@@ -132,9 +132,7 @@ def main() -> None:
     atomic_write_json(study / f"study_on_{name}.json", result)
     dropped = "".join(f", {len(v)} left out ({k.replace('_', ' ')})" for k, v in left_out.items() if v)
     lines = [f"Trained cells of `{study}` re-scored on `{args.eval_set}` ({len(items)} items"
-             f"{f' after the first {args.skip}' if args.skip else ''}"
-             f"{dropped}"
-             f", greedy, up to "
+             f"{f' after the first {args.skip}' if args.skip else ''}{dropped}, greedy, up to "
              f"{args.max_new_tokens} new tokens); differences are paired bootstrap 95% intervals over the same items.",
              "", f"| contender | ROUGE-L [95% CI] | minus {args.against} [95% CI] | reference perplexity | hit token limit |",
              "| --- | --- | --- | --- | --- |"]

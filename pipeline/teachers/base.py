@@ -7,7 +7,7 @@ import json
 import sqlite3
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Protocol
 
@@ -58,6 +58,29 @@ class Completion(BaseModel):
         return self.error is None
 
 
+@contextmanager
+def write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One commit for the writes inside (the response cache's and the ledger's); inside another transaction on the
+    same connection it simply joins it."""
+    if conn.in_transaction:
+        yield
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except sqlite3.Error:
+        if conn.in_transaction:  # not after SQLite rolled back itself: keep the real error
+            conn.execute("ROLLBACK")
+        raise
+    except BaseException:
+        # Not the database failing (a progress callback raised, Ctrl-C): every write made is whole, and a paid
+        # reply must not be thrown away with the error, so what was written is kept.
+        if conn.in_transaction:
+            conn.execute("COMMIT")
+        raise
+
+
 class ResponseCache:
     """Content-addressed store of teacher replies in SQLite (WAL: safe with concurrent writers)."""
 
@@ -93,27 +116,9 @@ class ResponseCache:
                 found[key] = Completion.model_validate_json(reply)
         return found
 
-    @contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self) -> AbstractContextManager[None]:
         """Puts inside commit together: one write to the database for a group of replies instead of one each."""
-        conn = self._conn()
-        if conn.in_transaction:
-            yield
-            return
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            conn.execute("COMMIT")
-        except sqlite3.Error:
-            if conn.in_transaction:  # not after SQLite rolled back itself: keep the real error
-                conn.execute("ROLLBACK")
-            raise
-        except BaseException:
-            # Not the database failing (a progress callback raised, Ctrl-C): every write made is whole, and a
-            # paid reply must not be thrown away with the error, so what was written is kept.
-            if conn.in_transaction:
-                conn.execute("COMMIT")
-            raise
+        return write_transaction(self._conn())
 
     def put(self, key: str, completion: Completion) -> None:
         # Only successful replies are cached: a failure must be retried on the next run.

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pipeline.errors import BudgetExceeded
-from pipeline.teachers.base import Completion, Request
+from pipeline.teachers.base import Completion, Request, write_transaction
 
 
 @dataclass
@@ -174,25 +174,8 @@ class Ledger:
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """Records inside commit together (see CachedTeacher.storing_together); the ledger stays locked for them."""
-        with self._shared["lock"]:
-            conn = self._conn
-            if conn.in_transaction:
-                yield
-                return
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-                conn.execute("COMMIT")
-            except sqlite3.Error:
-                if conn.in_transaction:  # not after SQLite rolled back itself: keep the real error
-                    conn.execute("ROLLBACK")
-                raise
-            except BaseException:
-                # Not the database failing (a progress callback raised, Ctrl-C): every write made is whole, and a
-                # paid reply must not be thrown away with the error, so what was written is kept.
-                if conn.in_transaction:
-                    conn.execute("COMMIT")
-                raise
+        with self._shared["lock"], write_transaction(self._conn):
+            yield
 
     def release(self, hold_id: str | None) -> None:
         """Drop a hold whose requests were never sent."""
